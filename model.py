@@ -1,0 +1,127 @@
+"""3D CT classifiers with an optional training-only segmentation head (paper §2.2, Table 5, A.4).
+
+Backbones are torchvision's video models with the "time" axis used for depth; input is (B, 1, D, H, W):
+  r3d   R3D-18, stem conv 1->64, kernel = stride = 2x2x2                       -> (B, 512, D/16, H/16, W/16)
+  mvit  MViT-v2-S, patch projection kernel = stride = 16x2x2, 1 channel,
+        relative-position tables sized to the token grid (D/16, H/2, W/2)     -> (B, 768, D/16, H/16, W/16)
+  swin  Swin3D-T, patch embedding 16x2x2, 1 channel, embed dim 96             -> (B, 768, D/16, H/16, W/16)
+
+Classification = global average pooling of the lowest-resolution feature map + linear (eq. 1).
+Segmentation   = 1x1x1 conv on the same feature map + trilinear upsampling to the input size (eq. 3).
+The segmentation head is built only with `seg_classes > 0` and only evaluated when asked for (training by
+default), so inference of a seg-trained model is exactly the plain classifier.
+
+    python model.py    # prints feature-map shapes and parameter counts for the paper's crops
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision.models import video as tv_video
+
+ARCHS = ("r3d", "mvit", "swin")
+PATCH_DEPTH = 16  # mvit and swin embed 16 slices per token; crops' depth must be a multiple of it
+
+
+def torchvision_model(arch, **kwargs):
+    """The unmodified torchvision model (3-channel stem, Kinetics-400 configuration)."""
+    builders = {"r3d": tv_video.r3d_18, "mvit": tv_video.mvit_v2_s, "swin": tv_video.swin3d_t}
+    if arch not in builders:
+        raise ValueError(f"unknown model {arch!r}; choose from {ARCHS}")
+    return builders[arch](**kwargs)
+
+
+def mvit_grid_sizes(net, grid):
+    """Yield (attention module, {table name: length}) for MViT's relative-position tables on a token grid
+    (t, h, w), with the sizes torchvision's MViT constructor would give them for that grid."""
+    t, h, w = grid
+    for block in net.blocks:
+        attn = block.attn
+        stride_q = attn.pool_q.pool.stride if attn.pool_q is not None else (1, 1, 1)
+        stride_kv = attn.pool_k.pool.stride if attn.pool_k is not None else (1, 1, 1)
+        spatial = 2 * max(max(h, w) // stride_q[1], max(h, w) // stride_kv[1]) - 1
+        yield attn, {"rel_pos_h": spatial, "rel_pos_w": spatial, "rel_pos_t": 2 * t - 1}
+        t, h, w = t // stride_q[0], h // stride_q[1], w // stride_q[2]
+
+
+class Backbone(nn.Module):
+    """A torchvision video model without its classifier, returning the last feature map (B, C, d, h, w)."""
+
+    def __init__(self, arch, input_size):
+        super().__init__()
+        self.arch = arch
+        net = torchvision_model(arch)
+        if arch == "r3d":
+            stem = nn.Conv3d(1, 64, kernel_size=2, stride=2, bias=False)
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")  # as torchvision inits convs
+            net.stem[0] = stem
+            del net.fc, net.avgpool
+            self.out_channels = 512
+        elif arch == "mvit":
+            net.conv_proj = nn.Conv3d(1, 96, kernel_size=(16, 2, 2), stride=(16, 2, 2))
+            # Positions are relative in MViT-v2: the only grid-sized parameters are the per-block tables.
+            grid = (input_size[0] // 16, input_size[1] // 2, input_size[2] // 2)
+            net.pos_encoding.temporal_size, net.pos_encoding.spatial_size = grid[0], grid[1:]
+            for attn, sizes in mvit_grid_sizes(net, grid):
+                for name, length in sizes.items():
+                    table = nn.Parameter(torch.empty(length, attn.head_dim))
+                    nn.init.trunc_normal_(table, std=0.02)
+                    setattr(attn, name, table)
+            del net.head
+            self.out_channels = 768
+        else:
+            net.patch_embed.proj = nn.Conv3d(1, 96, kernel_size=(16, 2, 2), stride=(16, 2, 2))
+            net.patch_embed.tuple_patch_size = (16, 2, 2)
+            del net.head, net.avgpool
+            self.out_channels = 768
+        self.net = net
+
+    def forward(self, x):  # x: (B, 1, D, H, W)
+        net = self.net
+        if self.arch == "r3d":
+            x = net.stem(x)
+            return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+        if self.arch == "mvit":
+            x = net.conv_proj(x)  # (B, 96, t, h, w)
+            thw = tuple(x.shape[2:])
+            if thw != (net.pos_encoding.temporal_size, *net.pos_encoding.spatial_size):
+                raise ValueError(f"mvit was built for a {net.pos_encoding.temporal_size}x"
+                                 f"{'x'.join(map(str, net.pos_encoding.spatial_size))} token grid, got {thw}")
+            x = net.pos_encoding(x.flatten(2).transpose(1, 2))  # (B, 1 + thw, 96), class token first
+            for block in net.blocks:
+                x, thw = block(x, thw)
+            x = net.norm(x)[:, 1:]  # drop the class token: eq. 1 pools the feature map itself
+            return x.transpose(1, 2).reshape(x.shape[0], -1, *thw)
+        x = net.features(net.pos_drop(net.patch_embed(x)))  # (B, t, h, w, C) channels-last
+        return net.norm(x).permute(0, 4, 1, 2, 3)
+
+
+class CTClassifier(nn.Module):
+    def __init__(self, arch, num_outputs, input_size, seg_classes=0):
+        super().__init__()
+        if arch in ("mvit", "swin") and input_size[0] % PATCH_DEPTH:
+            raise ValueError(f"{arch} needs a crop depth divisible by {PATCH_DEPTH}, got {input_size}")
+        self.backbone = Backbone(arch, input_size)
+        self.head = nn.Linear(self.backbone.out_channels, num_outputs)
+        # The auxiliary branch (eq. 3): one linear layer per voxel of the lowest-resolution feature map.
+        self.seg_head = nn.Conv3d(self.backbone.out_channels, seg_classes, 1) if seg_classes else None
+
+    def forward(self, x, with_seg=None):
+        """x: (B, 1, D, H, W) -> logits (B, K), plus seg logits (B, S, D, H, W) when with_seg (default: training)."""
+        features = self.backbone(x)  # (B, C, d, h, w)
+        logits = self.head(features.mean(dim=(2, 3, 4)))
+        if with_seg is None:
+            with_seg = self.training and self.seg_head is not None
+        if not with_seg:
+            return logits
+        seg = F.interpolate(self.seg_head(features), size=x.shape[2:], mode="trilinear", align_corners=False)
+        return logits, seg
+
+
+if __name__ == "__main__":
+    for name, crop in (("chest", (96, 192, 192)), ("abdomen", (160, 176, 192))):
+        for arch in ARCHS:
+            with torch.device("meta"):
+                model = CTClassifier(arch, 18, crop, seg_classes=7)
+                fmap = model.backbone(torch.empty(1, 1, *crop))
+            n = sum(p.numel() for p in model.parameters())
+            print(f"{name:8s} {arch:5s} input {crop} -> features {tuple(fmap.shape)}, {n / 1e6:.2f} M parameters")

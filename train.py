@@ -1,0 +1,344 @@
+"""Train a 3D CT classifier, optionally with the auxiliary anatomy-segmentation loss (paper §2.2, §3.1, A.3).
+
+    python train.py --seg                                   # synthetic chest phantoms, R3D-18, ~6 min on 2 CPU cores
+    python train.py --dataset radchest --model r3d --seg --data-path ... --amp
+    torchrun --nproc_per_node=8 train.py --dataset ctrate --model mvit --seg --data-path ... --amp
+
+Loss (eq. 4): BCE-with-logits on the findings + `--seg-weight` * CE between the upsampled 1x1x1-conv
+segmentation logits and the TotalSegmentator mask; without `--seg` there is no segmentation head at all.
+AdamW (weight decay 1e-4), cosine learning rate per iteration, gradient-norm clipping at 5.0, and the
+Table 4 learning rate / batch size / epochs for the dataset x model unless given. The run folder gets
+iterations.csv (loss, cls_loss, seg_loss, grad-norm before clipping, lr per step), epochs.csv (validation
+metrics), checkpoint.pth (latest) and checkpoint_best.pth (best validation macro AUC), written atomically,
+predictions_{val,test}.csv and metrics_test.{csv,json}. Rerun with `--resume` after a crash.
+"""
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+from evaluate import compute_metrics, evaluate_predictions, write_predictions
+from model import ARCHS, CTClassifier
+
+TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
+             ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
+TABLE4_BATCH = {("chest", "r3d"): 10, ("chest", "swin"): 6, ("chest", "mvit"): 4,
+                ("abdomen", "r3d"): 5, ("abdomen", "swin"): 2, ("abdomen", "mvit"): 2}
+TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6}  # synthetic: ours, not the paper's
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="synthetic", choices=("synthetic",))
+    parser.add_argument("--model", default="r3d", choices=ARCHS)
+    parser.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
+    parser.add_argument("--seg-loss", default="ce", choices=("ce", "dice", "dice_ce"))
+    parser.add_argument("--seg-weight", default=1.0, type=float)
+    parser.add_argument("--data-path", default=None, help="dataset root (real datasets)")
+    parser.add_argument("--output-dir", default=None, help="run folder (default runs/<dataset>_<model>[_seg]_s<seed>)")
+    parser.add_argument("--resume", nargs="?", const="auto", default=None,
+                        help="checkpoint to resume from; without a value: <output-dir>/checkpoint.pth if present")
+    parser.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint on test")
+    parser.add_argument("-b", "--batch-size", type=int, default=None, help="per process (default: Table 4)")
+    parser.add_argument("-j", "--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--epochs", type=int, default=None, help="default: Table 4")
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (default: Table 4)")
+    parser.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
+    parser.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
+    parser.add_argument("--clip-grad-norm", type=float, default=5.0, help="0 disables clipping (norm still logged)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + grad scaling where bf16 is missing)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--print-freq", type=int, default=10, help="iterations between log flushes")
+    parser.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N iterations")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each epoch after N steps (short runs)")
+    parser.add_argument("--crop", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="override crop")
+    parser.add_argument("--synthetic-cases", type=int, nargs=3, default=None, metavar=("TRAIN", "VAL", "TEST"))
+    return parser
+
+
+def cosine_lr(iteration, total_iterations, base_lr, warmup_iterations=0):
+    if iteration < warmup_iterations:
+        return base_lr * (iteration + 1) / warmup_iterations
+    progress = (iteration - warmup_iterations) / max(1, total_iterations - warmup_iterations)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def step_seed(seed, rank, iteration):
+    """Every step draws dropout/stochastic depth from its own seed, so a resumed run replays them exactly."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
+
+
+def classification_loss(logits, labels, info):
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+def probabilities(logits, info):
+    return torch.sigmoid(logits)
+
+
+def segmentation_loss(seg_logits, target, kind):
+    """seg_logits (B, S, D, H, W) at input resolution, target (B, D, H, W) class indices."""
+    loss = F.cross_entropy(seg_logits, target) if kind in ("ce", "dice_ce") else seg_logits.new_zeros(())
+    if kind in ("dice", "dice_ce"):  # soft Dice over the batch, foreground structures only
+        probs = seg_logits.softmax(1)
+        onehot = F.one_hot(target, seg_logits.shape[1]).permute(0, 4, 1, 2, 3).to(probs.dtype)
+        intersection, total = (probs * onehot).sum((0, 2, 3, 4)), (probs + onehot).sum((0, 2, 3, 4))
+        loss = loss + 1 - ((2 * intersection + 1e-5) / (total + 1e-5))[1:].mean()
+    return loss
+
+
+def train_one_epoch(model, optimizer, scaler, loader, device, epoch, args, info, first_step, best_auc):
+    model.train()
+    iters_per_epoch, total = args.iters_per_epoch, args.iters_per_epoch * args.epochs
+    pending, t_data, t_step = [], 0.0, time.time()
+    for i, batch in enumerate(loader, start=first_step):
+        it = epoch * iters_per_epoch + i
+        t_data += time.time() - t_step
+        lr = cosine_lr(it, total, args.lr, int(args.lr_warmup_epochs * iters_per_epoch))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(step_seed(args.seed, args.rank, it))
+        ct = data.normalize(batch["ct"].to(device, non_blocking=True), info["window"])  # (B, 1, D, H, W)
+        labels = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
+            if args.seg:
+                logits, seg_logits = model(ct)
+                seg_loss = segmentation_loss(seg_logits.float(), batch["mask"].to(device).long(), args.seg_loss)
+            else:
+                logits, seg_loss = model(ct), torch.zeros((), device=device)
+            cls_loss = classification_loss(logits.float(), labels, info)
+            loss = cls_loss + args.seg_weight * seg_loss
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm or math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        pending.append((it, lr, torch.stack([loss.detach(), cls_loss.detach(), seg_loss.detach(), grad_norm])))
+
+        last = i + 1 == iters_per_epoch
+        checkpoint_now = args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and not last
+        if len(pending) == args.print_freq or last or checkpoint_now:
+            flush_log(pending, args, epoch, t_data)
+            pending, t_data = [], 0.0
+        if checkpoint_now:
+            save_checkpoint(args, model, optimizer, scaler, it + 1, best_auc)
+        if last:
+            break
+        t_step = time.time()
+
+
+def flush_log(pending, args, epoch, data_time):
+    """Average over processes once per flush (not per step), stop on a non-finite loss, append to the CSV."""
+    values = torch.stack([v for _, _, v in pending])  # (steps, 4): loss, cls_loss, seg_loss, grad_norm
+    if args.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.AVG if values.is_cuda else dist.ReduceOp.SUM)
+        if not values.is_cuda:
+            values /= args.world_size
+    values = values.tolist()
+    for (it, _, _), (loss, cls_loss, seg_loss, grad_norm) in zip(pending, values):
+        grad_ok = math.isfinite(grad_norm) or args.amp_dtype == torch.float16  # fp16 scaler skips those steps
+        if not (math.isfinite(loss) and grad_ok):
+            raise NonFiniteLoss(f"non-finite loss {loss} (cls {cls_loss}, seg {seg_loss}, grad-norm {grad_norm}) at "
+                                f"epoch {epoch} iteration {it}; the last good checkpoint is kept. Lower --lr or check "
+                                f"the input data.")
+    if args.rank == 0:
+        with open(os.path.join(args.output_dir, "iterations.csv"), "a", newline="") as f:
+            writer = csv.writer(f)
+            for (it, lr, _), row in zip(pending, values):
+                writer.writerow([epoch, it, *(f"{v:.6g}" for v in row), f"{lr:.6g}", f"{data_time / len(pending):.4f}"])
+        it, lr, _ = pending[-1]
+        loss, cls_loss, seg_loss, grad_norm = values[-1]
+        print(f"epoch {epoch} it {it + 1}/{args.iters_per_epoch * args.epochs}  loss {loss:.4f}  cls {cls_loss:.4f}  "
+              f"seg {seg_loss:.4f}  grad-norm {grad_norm:.3f}  lr {lr:.2e}  data-wait {data_time / len(pending):.3f}s",
+              flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, args, info):
+    """Class probabilities for every case of the loader's dataset, each exactly once across processes."""
+    model.eval()
+    indices, probs = [], []
+    for batch in loader:
+        ct = data.normalize(batch["ct"].to(device, non_blocking=True), info["window"])
+        with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
+            logits = model(ct)
+        probs.append(probabilities(logits.float(), info).cpu())
+        indices.append(batch["index"])
+    local = (torch.cat(indices).numpy(), torch.cat(probs).numpy())
+    parts = [local]
+    if args.distributed:
+        parts = [None] * args.world_size
+        dist.all_gather_object(parts, local)
+    order = np.concatenate([p[0] for p in parts])
+    y_prob = np.concatenate([p[1] for p in parts])[np.argsort(order)]
+    dataset = loader.dataset
+    if sorted(order.tolist()) != list(range(len(dataset))):
+        raise RuntimeError("evaluation did not see every case exactly once")
+    return y_prob, dataset.labels
+
+
+def save_checkpoint(args, model, optimizer, scaler, iteration, best_auc, name="checkpoint.pth"):
+    if args.rank != 0:
+        return
+    state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "args": vars(args), "iteration": iteration, "best_auc": best_auc}
+    path = os.path.join(args.output_dir, name)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill -9 leaves either the old or the new file, never half of one
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def truncate_csv(path, keep):
+    """Drop rows logged after the checkpoint we resume from (and a torn last line after a kill)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = [r for r in csv.reader(f) if len(r) > 1 and r[1].lstrip("-").isdigit() and keep(int(r[1]))]
+    with open(path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(path + ".tmp", path)
+
+
+def make_loader(dataset, args, train):
+    if train:
+        sampler = data.EpochSampler(torch.utils.data.DistributedSampler(
+            dataset, num_replicas=args.world_size, rank=args.rank, shuffle=True, seed=args.seed, drop_last=True),
+            len(dataset), args.batch_size)
+    else:  # every case exactly once: no padding duplicates in the metrics
+        sampler = list(range(args.rank, len(dataset), args.world_size))
+    return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=train,
+                                       num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
+                                       persistent_workers=args.workers > 0)
+
+
+def init_distributed(args):
+    args.distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    args.rank, args.world_size, args.local_rank = 0, 1, 0
+    if args.distributed:  # launched by torchrun
+        args.rank, args.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.local_rank)
+            args.device = f"cuda:{args.local_rank}"
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def set_defaults(args, info):
+    key, notes = (info["region"], args.model), []
+    for name, table, table_key in (("lr", TABLE4_LR, key), ("batch_size", TABLE4_BATCH, key),
+                                   ("epochs", TABLE4_EPOCHS, args.dataset)):
+        if getattr(args, name) is None:
+            setattr(args, name, table[table_key])
+            notes.append(f"{name} {getattr(args, name)} (Table 4 default)")
+        else:
+            notes.append(f"{name} {getattr(args, name)} (given; Table 4: {table[table_key]})")
+    if args.output_dir is None:
+        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{'_seg' if args.seg else ''}_s{args.seed}")
+    return notes
+
+
+def main(args):
+    init_distributed(args)
+    device = torch.device(args.device)
+    args.amp_dtype = torch.bfloat16
+    if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        args.amp_dtype = torch.float16
+    splits, info = data.build_datasets(args)
+    notes = set_defaults(args, info)
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.rank == 0:
+        print(f"{args.dataset} / {args.model} / {'with' if args.seg else 'without'} segmentation supervision -> "
+              f"{args.output_dir}\n  " + "\n  ".join(notes) + f"\n  crop {info['crop']} (D, H, W), HU window "
+              f"{info['window']}, {len(info['classes'])} classes, cases: "
+              + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f", {args.world_size} process(es)")
+
+    torch.manual_seed(args.seed)
+    seg_classes = len(info["structures"]) + 1 if args.seg else 0
+    model = CTClassifier(args.model, len(info["classes"]), info["crop"], seg_classes=seg_classes).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == torch.float16)
+    iteration, best_auc = 0, -math.inf
+    if args.resume == "auto":
+        args.resume = os.path.join(args.output_dir, "checkpoint.pth")
+        if not os.path.exists(args.resume):
+            args.resume = None
+    if args.resume:
+        checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
+        for key in ("dataset", "model", "seg", "batch_size", "world_size"):
+            if checkpoint["args"][key] != getattr(args, key) and not args.test_only:
+                sys.exit(f"{args.resume}: trained with {key}={checkpoint['args'][key]!r}, now {getattr(args, key)!r}")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        iteration, best_auc = checkpoint["iteration"], checkpoint["best_auc"]
+        if args.rank == 0:
+            print(f"resumed from {args.resume} at iteration {iteration}")
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[args.local_rank] if device.type == "cuda" else None)
+
+    train_loader = make_loader(splits["train"], args, train=True)
+    eval_loaders = {name: make_loader(splits[name], args, train=False) for name in ("val", "test") if name in splits}
+    args.iters_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
+    if args.iters_per_epoch == 0:
+        sys.exit(f"training set of {len(splits['train'])} cases is smaller than one batch of {args.batch_size}")
+    if args.rank == 0:
+        truncate_csv(os.path.join(args.output_dir, "iterations.csv"), lambda it: it < iteration)
+        truncate_csv(os.path.join(args.output_dir, "epochs.csv"), lambda ep: (ep + 1) * args.iters_per_epoch <= iteration)
+
+    start_epoch, first_step = divmod(iteration, args.iters_per_epoch)
+    for epoch in range(start_epoch, args.epochs if not args.test_only else start_epoch):
+        train_loader.sampler.set_epoch(epoch, skip=first_step)
+        t0 = time.time()
+        train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, args, info, first_step, best_auc)
+        first_step, iteration = 0, (epoch + 1) * args.iters_per_epoch
+        name = "val" if "val" in eval_loaders else "test"
+        y_prob, y_true = evaluate(model, eval_loaders[name], device, args, info)
+        rows, macro, _ = compute_metrics(y_true, y_prob, info["classes"])
+        if args.rank == 0:
+            print(f"epoch {epoch} done in {time.time() - t0:.0f}s: {name} macro AUC {100 * macro['auc']:.2f}  "
+                  + "  ".join(f"{r['class']} {100 * r['auc']:.1f}" for r in rows), flush=True)
+            with open(os.path.join(args.output_dir, "epochs.csv"), "a", newline="") as f:
+                csv.writer(f).writerow([epoch, iteration, name, f"{macro['auc']:.6f}", f"{time.time() - t0:.1f}"])
+        if macro["auc"] > best_auc:
+            best_auc = macro["auc"]
+            save_checkpoint(args, model, optimizer, scaler, iteration, best_auc, "checkpoint_best.pth")
+        save_checkpoint(args, model, optimizer, scaler, iteration, best_auc)
+
+    # Final predictions: with a validation split independent of test, from the best-on-validation checkpoint.
+    best_path = os.path.join(args.output_dir, "checkpoint_best.pth")
+    if "val" in eval_loaders and os.path.exists(best_path) and not args.test_only:
+        unwrap(model).load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
+    for name, loader in eval_loaders.items():
+        y_prob, y_true = evaluate(model, loader, device, args, info)
+        if args.rank == 0:
+            path = os.path.join(args.output_dir, f"predictions_{name}.csv")
+            write_predictions(path, loader.dataset.case_ids, y_true, y_prob, info["classes"])
+    if args.rank == 0:
+        evaluate_predictions(os.path.join(args.output_dir, "predictions_test.csv"))
+    if args.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    try:
+        main(args)
+    except NonFiniteLoss as error:
+        sys.exit(f"stopped: {error}")
