@@ -167,8 +167,8 @@ def test_cosine_schedule():
 
 def test_metrics_against_sklearn_and_hand_made_cases():
     y = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1], [0, 1, 0], [1, 1, 1]], float)
-    p = np.array([[0.1, 0.3, 0.5], [0.4, 0.2, 0.5], [0.35, 0.9, 0.5], [0.8, 0.5, 0.9], [0.2, 0.1, 0.2],
-                  [0.7, 0.4, 0.5]])  # class 2 has ties at 0.5 across both labels; class 1 has one label value
+    p = np.array([[0.1, 0.3, 0.5], [0.3, 0.2, 0.5], [0.35, 0.9, 0.1], [0.8, 0.5, 0.9], [0.2, 0.1, 0.2],
+                  [0.7, 0.4, 0.5]])  # class c has a tie at 0.5 across both labels; class b has one label value
     rows, macro, skipped = evaluate.compute_metrics(y, p, ["a", "b", "c"])
     assert skipped == ["b"] and macro["classes"] == 2 and macro["skipped"] == 1
     by_class = {r["class"]: r for r in rows}
@@ -180,11 +180,13 @@ def test_metrics_against_sklearn_and_hand_made_cases():
         assert math.isclose(r["sensitivity"], tp / (tp + fn)) and math.isclose(r["specificity"], tn / (tn + fp))
         assert math.isclose(r["f1_weighted"], f1_score(y[:, k], pred, average="weighted"))
         assert math.isclose(r["f1_positive"], f1_score(y[:, k], pred))
-    # class a is separable at 0.35: perfect; class c: ties -> AUC 7/9 by hand, Youden picks >= 0.5 (sens 1, spec 1/3)
+    # a is separable at 0.35; c by hand: AUC 8/9 (the tie counts 1/2), Youden J 2/3 at >= 0.5 (sens 1, spec 2/3)
     assert by_class["a"]["auc"] == 1.0 and by_class["a"]["sensitivity"] == 1.0 == by_class["a"]["specificity"]
-    assert math.isclose(by_class["c"]["auc"], 7 / 9)
-    assert by_class["c"]["threshold"] == 0.5 and math.isclose(by_class["c"]["specificity"], 1 / 3)
-    assert math.isclose(macro["auc"], (1.0 + 7 / 9) / 2)
+    assert by_class["a"]["threshold"] == 0.35
+    assert math.isclose(by_class["c"]["auc"], 8 / 9) and by_class["c"]["threshold"] == 0.5
+    assert by_class["c"]["sensitivity"] == 1.0 and math.isclose(by_class["c"]["specificity"], 2 / 3)
+    assert math.isclose(by_class["c"]["precision"], 3 / 4) and math.isclose(by_class["c"]["f1_positive"], 6 / 7)
+    assert math.isclose(macro["auc"], (1.0 + 8 / 9) / 2)
 
 
 def test_predictions_csv_round_trip(tmp_path):
