@@ -12,6 +12,11 @@ localised findings, at a reduced size that trains on a laptop CPU:
 
     python data.py    # writes a few synthetic slices to synthetic_preview.png
 """
+import argparse
+import csv
+import os
+
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -59,6 +64,29 @@ def read_window(volume, starts, size, fill):
     return out
 
 
+def nifti_layout(path):
+    """Where the voxels of an uncompressed NIfTI written by make_masks.py lie: {shape (D, H, W), dtype, offset,
+    affine}. Raises ValueError for anything a memory map could not read correctly (compressed, scaled, torn)."""
+    path = str(path)
+    if not path.endswith(".nii"):
+        raise ValueError(f"{path}: expected an uncompressed .nii written by make_masks.py")
+    with open(path, "rb") as f:
+        header = nib.Nifti1Header.from_fileobj(f)
+    shape = header.get_data_shape()
+    slope, inter = header.get_slope_inter()
+    if len(shape) != 3 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        raise ValueError(f"{path}: expected an unscaled 3D volume, got shape {shape}, scaling {slope}, {inter}")
+    dtype, offset = header.get_data_dtype(), int(header["vox_offset"])
+    if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f"{path}: file is shorter than its header says (truncated copy?)")
+    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine()}
+
+
+def open_volume(path, layout):
+    """Memory map of the voxels as (D, H, W): NIfTI's x-fastest order is C order for (z, y, x)."""
+    return np.memmap(path, dtype=layout["dtype"], mode="r", offset=layout["offset"], shape=layout["shape"])
+
+
 class CTDataset(torch.utils.data.Dataset):
     """Samples {"ct": int16 (1, D, H, W), "mask": uint8 (D, H, W) if masks, "label": float32 (K,), "index"}.
 
@@ -66,9 +94,10 @@ class CTDataset(torch.utils.data.Dataset):
     Keys from `EpochSampler` encode (epoch, case), so every random crop is a pure function of
     (seed, epoch, case): reproducible, independent of worker count and resumable mid-run."""
 
-    def __init__(self, case_ids, volumes, labels, pad_size, crop_size, train, seed=0, with_mask=False):
+    def __init__(self, case_ids, volumes, labels, pad_size, crop_size, train, seed=0, with_mask=False, max_label=255):
         self.case_ids, self.volumes, self.labels = list(case_ids), volumes, np.asarray(labels, np.float32)
         self.pad_size, self.crop_size, self.train, self.seed, self.with_mask = pad_size, crop_size, train, seed, with_mask
+        self.max_label = max_label
 
     def __len__(self):
         return len(self.case_ids)
@@ -82,6 +111,10 @@ class CTDataset(torch.utils.data.Dataset):
                   "label": torch.from_numpy(self.labels[index]), "index": index}
         if self.with_mask:
             sample["mask"] = torch.from_numpy(read_window(mask, starts, self.crop_size, 0))
+            if sample["mask"].max() > self.max_label:
+                where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
+                raise ValueError(f"{where}: mask label {int(sample['mask'].max())} is outside this region's "
+                                 f"scheme 0..{self.max_label} (made for another --region?)")
         return sample
 
 
@@ -103,20 +136,109 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
+class StoredVolumes:
+    """volumes[i] -> (ct, mask or None): memory maps of make_masks.py's <prep>/ct/<case>.nii, <prep>/mask/<case>.nii.
+    Every header is read (and CT/mask grids compared) once here, so bad files fail before training starts."""
+
+    def __init__(self, prep_dir, case_ids, with_mask, skip_missing=False):
+        self.entries, self.kept, self.missing = [], [], []
+        for position, case in enumerate(case_ids):
+            paths = [os.path.join(prep_dir, sub, f"{case}.nii") for sub in (("ct", "mask") if with_mask else ("ct",))]
+            absent = [p for p in paths if not os.path.exists(p)]
+            if absent:
+                self.missing.append(absent[0])
+                continue
+            layouts = [nifti_layout(p) for p in paths]
+            if layouts[0]["dtype"] != np.int16 or (with_mask and layouts[1]["dtype"] != np.uint8):
+                raise ValueError(f"{paths}: expected int16 CT and uint8 mask from make_masks.py")
+            if with_mask and (layouts[0]["shape"] != layouts[1]["shape"]
+                              or not np.allclose(layouts[0]["affine"], layouts[1]["affine"], atol=1e-3)):
+                raise ValueError(f"{paths[1]}: grid {layouts[1]['shape']} does not match its CT {paths[0]} "
+                                 f"{layouts[0]['shape']} (shape or affine)")
+            self.entries.append(list(zip(paths, layouts)))
+            self.kept.append(position)
+        if self.missing and not skip_missing:
+            raise FileNotFoundError(f"{len(self.missing)} labelled case(s) have no preprocessed volume or mask, e.g. "
+                                    f"{self.missing[0]} (run make_masks.py first, or pass --skip-missing)")
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, i):
+        volumes = [open_volume(path, layout) for path, layout in self.entries[i]]
+        return volumes[0], volumes[1] if len(volumes) > 1 else None
+
+    def mask_path(self, i):
+        return self.entries[i][-1][0]
+
+
+def read_label_table(path, classes, id_column):
+    """{split: (case ids, labels (N, K))} from a CSV with id_column, split and one column per class."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (id_column, "split", *classes) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {missing}")
+        rows = list(reader)
+    tables = {}
+    for split in ("train", "val", "test"):
+        chosen = [r for r in rows if r["split"] == split]
+        if chosen:
+            tables[split] = ([r[id_column] for r in chosen], np.array([[float(r[c]) for c in classes] for r in chosen]))
+    return tables
+
+
 def build_datasets(args):
-    """{split: CTDataset} and the task description (region, classes, structures, window, crop)."""
+    """{split: CTDataset} and the task description (region, classes, structures, window, pad, crop)."""
     info = dict(region="chest", classes=SYNTHETIC_CLASSES, pad=SYNTHETIC["pad"], crop=SYNTHETIC["crop"])
     info.update(structures=REGIONS[info["region"]]["structures"], window=REGIONS[info["region"]]["window"])
     if args.crop:
         info["crop"] = tuple(args.crop)
         info["pad"] = tuple(max(p, c) for p, c in zip(info["pad"], args.crop))
-    sizes = args.synthetic_cases or [SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
     splits = {}
-    for split, n in zip(("train", "val", "test"), sizes):
-        cases, volumes, labels = synthetic_split(split, n)
+    if args.data_path:  # phantoms written by `python data.py --write-synthetic DIR` and run through make_masks.py
+        tables = read_label_table(os.path.join(args.data_path, "labels.csv"), SYNTHETIC_CLASSES, "case_id")
+    else:
+        sizes = args.synthetic_cases or [SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
+        tables = {split: synthetic_split(split, n) for split, n in zip(("train", "val", "test"), sizes)}
+    for split, table in tables.items():
+        cases, labels = table[0], table[-1]
+        if args.data_path:
+            volumes = StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing)
+            cases, labels = [cases[i] for i in volumes.kept], labels[volumes.kept]
+            if volumes.missing:
+                print(f"{split}: skipped {len(volumes.missing)} case(s) without preprocessed files: "
+                      + ", ".join(volumes.missing))
+        else:
+            volumes = table[1]
+        if not cases:
+            raise ValueError(f"the {split} split of {args.dataset} is empty")
         splits[split] = CTDataset(cases, volumes, labels, info["pad"], info["crop"], train=split == "train",
-                                  seed=args.seed, with_mask=args.seg)
+                                  seed=args.seed, with_mask=args.seg, max_label=len(info["structures"]))
     return splits, info
+
+
+def write_synthetic(out_dir, sizes=None):
+    """Phantoms as a real dataset would come: <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm),
+    <out>/totalseg/<case>.nii.gz (TotalSegmentator 'total' ids) and <out>/labels.csv."""
+    from totalsegmentator.map_to_binary import class_map
+    ts_ids = {name: i for i, name in class_map["total"].items()}
+    to_totalseg = np.zeros(256, np.uint8)
+    for label, name in enumerate(REGIONS["chest"]["structures"], start=1):
+        to_totalseg[label] = ts_ids[name]
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    for sub in ("ct", "totalseg"):
+        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
+    rows = []
+    for split, n in (sizes or SYNTHETIC["sizes"]).items():
+        cases, volumes, labels = synthetic_split(split, n)
+        for case, (ct, mask), label in zip(cases, volumes, labels):
+            for sub, array in (("ct", ct), ("totalseg", to_totalseg[mask])):  # (D, H, W) -> NIfTI's (x, y, z)
+                nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine),
+                         os.path.join(out_dir, sub, f"{case}.nii.gz"))
+            rows.append([case, split, *(int(v) for v in label)])
+    with open(os.path.join(out_dir, "labels.csv"), "w", newline="") as f:
+        csv.writer(f).writerows([["case_id", "split", *SYNTHETIC_CLASSES], *rows])
 
 
 # ----------------------------------------------------------------------------- synthetic chest phantoms
@@ -211,15 +333,22 @@ def synthetic_split(split, n, seed=0):
 
 
 if __name__ == "__main__":
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cases, volumes, labels = synthetic_split("train", 4)
-    fig, axes = plt.subplots(2, 4, figsize=(12, 6))
-    for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
-        zslice = ct.shape[0] // 3
-        axes[0, k].imshow(ct[zslice], cmap="gray", vmin=-1000, vmax=200, origin="lower")
-        axes[0, k].set_title(", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7)
-        axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
-    fig.savefig("synthetic_preview.png", dpi=80)
-    print("wrote synthetic_preview.png; label prevalence", labels.mean(0))
+    parser = argparse.ArgumentParser(description="Write the synthetic phantoms as NIfTI files, or preview them.")
+    parser.add_argument("--write-synthetic", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
+    parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
+    cli = parser.parse_args()
+    if cli.write_synthetic:
+        write_synthetic(cli.write_synthetic, dict(zip(("train", "val", "test"), cli.cases)) if cli.cases else None)
+        print(f"wrote {cli.write_synthetic}/ct, totalseg and labels.csv")
+    else:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        cases, volumes, labels = synthetic_split("train", 4)
+        fig, axes = plt.subplots(2, 4, figsize=(12, 6))
+        for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
+            axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
+            axes[0, k].set_title(", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7)
+            axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
+        fig.savefig("synthetic_preview.png", dpi=80)
+        print("wrote synthetic_preview.png (axial CT slices, sagittal masks)")

@@ -46,7 +46,9 @@ def get_args_parser():
     parser.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
     parser.add_argument("--seg-loss", default="ce", choices=("ce", "dice", "dice_ce"))
     parser.add_argument("--seg-weight", default=1.0, type=float)
-    parser.add_argument("--data-path", default=None, help="dataset root (real datasets)")
+    parser.add_argument("--data-path", default=None, help="dataset root holding the label files")
+    parser.add_argument("--prep-dir", default=None, help="make_masks.py output (ct/, mask/); default <data-path>/prep")
+    parser.add_argument("--skip-missing", action="store_true", help="skip (and list) labelled cases without files")
     parser.add_argument("--output-dir", default=None, help="run folder (default runs/<dataset>_<model>[_seg]_s<seed>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="checkpoint to resume from; without a value: <output-dir>/checkpoint.pth if present")
@@ -260,7 +262,12 @@ def main(args):
     args.amp_dtype = torch.bfloat16
     if args.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         args.amp_dtype = torch.float16
-    splits, info = data.build_datasets(args)
+    if args.data_path and not args.prep_dir:
+        args.prep_dir = os.path.join(args.data_path, "prep")
+    try:
+        splits, info = data.build_datasets(args)
+    except (OSError, ValueError) as error:
+        sys.exit(f"cannot build the {args.dataset} dataset: {error}")
     notes = set_defaults(args, info)
     os.makedirs(args.output_dir, exist_ok=True)
     if args.rank == 0:
