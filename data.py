@@ -7,14 +7,14 @@ Per sample the loader only copies an int16 window out of the stored volume (and 
 mask); clipping and scaling to [-1, 1] happen on the training device (`normalize`). "Pad/crop to P, then a
 random (train) or centre (eval) crop of C" is one window into the volume, padded where it leaves it.
 
-`--dataset synthetic` is a seeded chest phantom (body, 5 lung lobes, heart, spine) with anatomically
-localised findings, at a reduced size that trains on a laptop CPU:
-
-    python data.py    # writes a few synthetic slices to synthetic_preview.png
+Label tables are read from the files each dataset distributes (CT-RATE, RAD-ChestCT, RATIC = RSNA 2023
+abdominal trauma); volumes and masks from make_masks.py's output (<prep>/ct, <prep>/mask). `synthetic` is the
+phantom dataset of synthetic.py, in memory or written to files.
 """
 import argparse
 import csv
 import os
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -29,9 +29,20 @@ REGIONS = {  # paper Table 3; sizes (D, H, W)
 }
 AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
 
-SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
-SYNTHETIC_CLASSES = ("nodule_right_upper_lobe", "nodule_left_lower_lobe", "cardiomegaly",
-                     "pleural_effusion", "emphysema")
+CTRATE_CLASSES = (  # the 18 columns of multi_abnormality_labels, in the paper's Table 7 order
+    "Arterial wall calcification", "Atelectasis", "Bronchiectasis", "Cardiomegaly", "Consolidation",
+    "Coronary artery wall calcification", "Emphysema", "Hiatal hernia", "Interlobular septal thickening",
+    "Lung nodule", "Lung opacity", "Lymphadenopathy", "Medical material", "Mosaic attenuation pattern",
+    "Peribronchial thickening", "Pericardial effusion", "Pleural effusion", "Pulmonary fibrotic sequela")
+RADCHEST_CLASSES = (  # paper Table 2 ("spetal" is "septal"; the column is "opacity")
+    "catheter_or_port", "lymphadenopathy", "septal_thickening", "hernia", "nodule", "pericardial_effusion",
+    "scarring", "bronchial_wall_thickening", "opacity", "emphysema", "cardiomegaly", "pleural_effusion",
+    "bronchiectasis", "consolidation", "atelectasis", "calcification")
+RATIC_COLUMNS = (  # evaluated columns, paper Table 9 order; the model has 11 outputs, see train.py
+    "any_injury", "bowel_healthy", "bowel_injury", "extravasation_healthy", "extravasation_injury",
+    "kidney_healthy", "kidney_high", "kidney_low", "liver_healthy", "liver_high", "liver_low",
+    "spleen_healthy", "spleen_high", "spleen_low")
+RATIC_SPLIT = (2500, 647)  # patients, paper §3.1
 
 
 def normalize(ct, window):
@@ -172,183 +183,147 @@ class StoredVolumes:
         return self.entries[i][-1][0]
 
 
-def read_label_table(path, classes, id_column):
-    """{split: (case ids, labels (N, K))} from a CSV with id_column, split and one column per class."""
+def read_csv(path, columns):
+    """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: label file not found")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in (id_column, "split", *classes) if c not in (reader.fieldnames or [])]
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path}: missing column(s) {missing}")
-        rows = list(reader)
+        return list(reader)
+
+
+def label_matrix(rows, columns, path):
+    try:
+        return np.array([[float(r[c]) for c in columns] for r in rows], np.float32).reshape(len(rows), len(columns))
+    except ValueError as error:
+        raise ValueError(f"{path}: non-numeric label ({error})") from None
+
+
+def find_file(root, name, max_depth=4):
+    """root/name, or the shallowest file of that name below root (datasets get unpacked at different depths);
+    breadth first, so the label files are found without listing tens of thousands of volumes."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        for folder in level:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        level = [e.path for folder in level for e in sorted(os.scandir(folder), key=lambda e: e.name) if e.is_dir()]
+    raise FileNotFoundError(f"no {name} under {root} (searched {max_depth} folders deep)")
+
+
+def ctrate_tables(root):
+    """Split as distributed: train, and valid as the test set. Groups (for a held-out validation) = patients."""
     tables = {}
-    for split in ("train", "val", "test"):
-        chosen = [r for r in rows if r["split"] == split]
-        if chosen:
-            tables[split] = ([r[id_column] for r in chosen], np.array([[float(r[c]) for c in classes] for r in chosen]))
+    for split, name in (("train", "train_predicted_labels.csv"), ("test", "valid_predicted_labels.csv")):
+        path = find_file(root, name)
+        rows = read_csv(path, ["VolumeName", *CTRATE_CLASSES])
+        ids = [r["VolumeName"].split(".nii")[0] for r in rows]
+        tables[split] = (ids, label_matrix(rows, CTRATE_CLASSES, path), ["_".join(i.split("_")[:2]) for i in ids])
     return tables
 
 
+def radchest_tables(root):
+    """Class = max over the columns '<abnormality>*<location>' whose abnormality equals the class exactly
+    (so 'nodule' does not take 'nodulegr1cm'). Train + valid for training, test for testing (paper §3.1)."""
+    tables = {}
+    for split in ("train", "valid", "test"):
+        path = find_file(root, f"img{split}_Abnormality_and_Location_Labels.csv")
+        rows = read_csv(path, ["NoteAcc_DEID"])
+        header = list(rows[0]) if rows else []
+        groups = [[c for c in header if c.split("*")[0] == name] for name in RADCHEST_CLASSES]
+        absent = [name for name, cols in zip(RADCHEST_CLASSES, groups) if not cols]
+        if absent:
+            raise ValueError(f"{path}: no '<abnormality>*<location>' column for {absent}")
+        values = [label_matrix(rows, cols, path).max(1) for cols in groups]
+        ids = [r["NoteAcc_DEID"] for r in rows]
+        tables[split] = (ids, np.stack(values, 1).reshape(len(ids), -1), ids)
+    train, valid = tables.pop("train"), tables.pop("valid")
+    tables["train"] = (train[0] + valid[0], np.concatenate([train[1], valid[1]]), train[2] + valid[2])
+    return tables
+
+
+def ratic_tables(root, split_file, seed=0):
+    """One sample per series, carrying its patient's labels; patients split 2,500 / 647 at random once, saved
+    to `split_file` and reused by every later run."""
+    label_path, series_path = find_file(root, "train.csv"), find_file(root, "train_series_meta.csv")
+    patients = {r["patient_id"]: r for r in read_csv(label_path, ["patient_id", *RATIC_COLUMNS])}
+    series = read_csv(series_path, ["patient_id", "series_id"])
+    if os.path.exists(split_file):
+        split_of = {r["patient_id"]: r["split"] for r in read_csv(split_file, ["patient_id", "split"])}
+        if set(split_of) != set(patients):
+            raise ValueError(f"{split_file}: its patients differ from {label_path}; delete it to draw a new split")
+    else:
+        order = np.random.default_rng(seed).permutation(sorted(patients))
+        n_test = round(len(order) * RATIC_SPLIT[1] / sum(RATIC_SPLIT))
+        split_of = {p: "test" if i < n_test else "train" for i, p in enumerate(order)}
+        with open(split_file + ".tmp", "w", newline="") as f:
+            csv.writer(f).writerows([["patient_id", "split"], *sorted(split_of.items())])
+        os.replace(split_file + ".tmp", split_file)
+    unknown = [s["patient_id"] for s in series if s["patient_id"] not in patients]
+    if unknown:
+        raise ValueError(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
+    tables = {}
+    for split in ("train", "test"):
+        chosen = [s for s in series if split_of[s["patient_id"]] == split]
+        tables[split] = ([f"{s['patient_id']}_{s['series_id']}" for s in chosen],
+                         label_matrix([patients[s["patient_id"]] for s in chosen], RATIC_COLUMNS, label_path),
+                         [s["patient_id"] for s in chosen])
+    return tables
+
+
+def hold_out(tables, fraction):
+    """Move a fraction of the training groups (patients) to a validation split, chosen by a stable hash."""
+    ids, labels, groups = tables["train"]
+    val = np.array([zlib.crc32(g.encode()) % 1000 < fraction * 1000 for g in groups])
+    tables["train"] = ([i for i, v in zip(ids, val) if not v], labels[~val], [g for g, v in zip(groups, val) if not v])
+    tables["val"] = ([i for i, v in zip(ids, val) if v], labels[val], [g for g, v in zip(groups, val) if v])
+
+
 def build_datasets(args):
-    """{split: CTDataset} and the task description (region, classes, structures, window, pad, crop)."""
-    info = dict(region="chest", classes=SYNTHETIC_CLASSES, pad=SYNTHETIC["pad"], crop=SYNTHETIC["crop"])
-    info.update(structures=REGIONS[info["region"]]["structures"], window=REGIONS[info["region"]]["window"])
+    """{split: CTDataset} and the task: region, classes (evaluated columns), structures, window, pad, crop."""
+    region = "abdomen" if args.dataset == "ratic" else "chest"
+    info = dict(region=region, task="ratic" if args.dataset == "ratic" else "multilabel", **REGIONS[region])
+    in_memory = args.dataset == "synthetic" and not args.data_path
+    if args.dataset == "synthetic":
+        import synthetic
+        info.update(classes=synthetic.SYNTHETIC_CLASSES, pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
+        if in_memory:
+            sizes = args.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
+            tables = {s: synthetic.synthetic_split(s, n) for s, n in zip(("train", "val", "test"), sizes)}
+        else:  # phantoms written by `python synthetic.py --write DIR` and run through make_masks.py
+            path = os.path.join(args.data_path, "labels.csv")
+            rows = read_csv(path, ["case_id", "split", *info["classes"]])
+            tables = {s: ([r["case_id"] for r in rows if r["split"] == s],
+                          label_matrix([r for r in rows if r["split"] == s], info["classes"], path))
+                      for s in ("train", "val", "test")}
+    elif args.dataset == "ctrate":
+        info["classes"], tables = CTRATE_CLASSES, ctrate_tables(args.data_path)
+    elif args.dataset == "radchest":
+        info["classes"], tables = RADCHEST_CLASSES, radchest_tables(args.data_path)
+    else:
+        os.makedirs(args.prep_dir, exist_ok=True)
+        info["classes"] = RATIC_COLUMNS
+        tables = ratic_tables(args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed)
+    if args.val_fraction and "val" not in tables:
+        hold_out(tables, args.val_fraction)
     if args.crop:
         info["crop"] = tuple(args.crop)
         info["pad"] = tuple(max(p, c) for p, c in zip(info["pad"], args.crop))
     splits = {}
-    if args.data_path:  # phantoms written by `python data.py --write-synthetic DIR` and run through make_masks.py
-        tables = read_label_table(os.path.join(args.data_path, "labels.csv"), SYNTHETIC_CLASSES, "case_id")
-    else:
-        sizes = args.synthetic_cases or [SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
-        tables = {split: synthetic_split(split, n) for split, n in zip(("train", "val", "test"), sizes)}
     for split, table in tables.items():
-        cases, labels = table[0], table[-1]
-        if args.data_path:
-            volumes = StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing)
+        cases, labels = table[0], (table[2] if in_memory else table[1])
+        volumes = table[1] if in_memory else StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing)
+        if not in_memory:
             cases, labels = [cases[i] for i in volumes.kept], labels[volumes.kept]
             if volumes.missing:
                 print(f"{split}: skipped {len(volumes.missing)} case(s) without preprocessed files: "
                       + ", ".join(volumes.missing))
-        else:
-            volumes = table[1]
         if not cases:
-            raise ValueError(f"the {split} split of {args.dataset} is empty")
+            raise ValueError(f"the {split} split of {args.dataset} is empty"
+                             + (f" (labels from {args.data_path}, volumes from {args.prep_dir})" if args.data_path else ""))
         splits[split] = CTDataset(cases, volumes, labels, info["pad"], info["crop"], train=split == "train",
                                   seed=args.seed, with_mask=args.seg, max_label=len(info["structures"]))
     return splits, info
-
-
-def write_synthetic(out_dir, sizes=None):
-    """Phantoms as a real dataset would come: <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm),
-    <out>/totalseg/<case>.nii.gz (TotalSegmentator 'total' ids) and <out>/labels.csv."""
-    from totalsegmentator.map_to_binary import class_map
-    ts_ids = {name: i for i, name in class_map["total"].items()}
-    to_totalseg = np.zeros(256, np.uint8)
-    for label, name in enumerate(REGIONS["chest"]["structures"], start=1):
-        to_totalseg[label] = ts_ids[name]
-    affine = np.diag([1.5, 1.5, 3.0, 1.0])
-    for sub in ("ct", "totalseg"):
-        os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
-    rows = []
-    for split, n in (sizes or SYNTHETIC["sizes"]).items():
-        cases, volumes, labels = synthetic_split(split, n)
-        for case, (ct, mask), label in zip(cases, volumes, labels):
-            for sub, array in (("ct", ct), ("totalseg", to_totalseg[mask])):  # (D, H, W) -> NIfTI's (x, y, z)
-                nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine),
-                         os.path.join(out_dir, sub, f"{case}.nii.gz"))
-            rows.append([case, split, *(int(v) for v in label)])
-    with open(os.path.join(out_dir, "labels.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["case_id", "split", *SYNTHETIC_CLASSES], *rows])
-
-
-# ----------------------------------------------------------------------------- synthetic chest phantoms
-
-def _ellipsoid(z, y, x, center, radii):
-    return ((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + ((x - center[2]) / radii[2]) ** 2
-
-
-def _sphere_at(rng, candidates, shape, radius):
-    """Boolean ball of `radius` voxels around a random voxel drawn from the flat indices `candidates`."""
-    cz, cy, cx = np.unravel_index(rng.choice(candidates), shape)
-    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
-    return _ellipsoid(z, y, x, (cz, cy, cx), (radius,) * 3) <= 1
-
-
-def make_phantom(rng, shape=(40, 60, 60)):
-    """One synthetic chest CT (int16 HU), its mask (chest scheme: 1-5 lobes, 6 heart) and its labels
-    (SYNTHETIC_CLASSES). Patient's left is low x (RAS), anterior is high y, superior is high z."""
-    d, h, w = shape
-    u = min(h, w) / 60.0  # lengths below are for a 60-voxel-wide slice
-    labels = rng.random(len(SYNTHETIC_CLASSES)) < (0.35, 0.35, 0.3, 0.3, 0.3)
-    angle = np.deg2rad(rng.uniform(-8, 8))
-    shift = rng.uniform(-2, 2, size=2) * u
-    z = np.arange(d, dtype=np.float32)[:, None, None]
-    y0 = np.arange(h, dtype=np.float32)[None, :, None] - h / 2 - shift[0]
-    x0 = np.arange(w, dtype=np.float32)[None, None, :] - w / 2 - shift[1]
-    y, x = np.cos(angle) * y0 - np.sin(angle) * x0, np.sin(angle) * y0 + np.cos(angle) * x0  # rotated frame
-
-    ct = np.full(shape, AIR_HU, np.float32)
-    mask = np.zeros(shape, np.uint8)
-    body = (y / (20 * u * rng.uniform(0.93, 1.07))) ** 2 + (x / (27 * u * rng.uniform(0.93, 1.07))) ** 2
-    body = np.broadcast_to(body, shape)
-    ct[body <= 1] = -100  # subcutaneous fat
-    ct[body <= 0.8] = 35  # soft tissue
-    ct[np.broadcast_to((y + 15 * u) ** 2 + x ** 2 <= (4 * u) ** 2, shape)] = 400  # spine
-
-    lung_hu = -880 if labels[4] else -850
-    scale = rng.uniform(0.9, 1.1)
-    for side, first_label in ((-1, 1), (1, 3)):  # left lung: lobes 1-2; right lung: lobes 3-5
-        center, radii = (0.55 * d, -u, side * 12 * u), (0.42 * d * scale, 13 * u * scale, 9 * u * scale)
-        lung = _ellipsoid(z, y, x, center, radii) <= 1
-        vz, vy = (z - center[0]) / radii[0], (y - center[1]) / radii[1]  # -1..1; +vy anterior
-        lower = vz < 0.1 - 0.6 * vy + rng.uniform(-0.1, 0.1)  # oblique fissure
-        ct[lung] = lung_hu
-        if side < 0:
-            mask[lung & ~lower], mask[lung & lower] = 1, 2
-        else:
-            middle = ~lower & (vz < 0.05)  # below the horizontal fissure, anterior to the oblique one
-            mask[lung & ~lower & ~middle], mask[lung & middle], mask[lung & lower] = 3, 4, 5
-
-    heart_scale = rng.normal(1.0, 0.05) * (1.3 if labels[2] else 1.0)
-    heart = _ellipsoid(z, y, x, (0.3 * d, 6 * u, -3 * u), (0.2 * d * heart_scale, 9 * u * heart_scale,
-                                                           10 * u * heart_scale)) <= 1
-    ct[heart], mask[heart] = 40, 6
-
-    lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
-    for _ in range(25):  # vessels: small bright dots everywhere in the lungs
-        ct[_sphere_at(rng, lung_voxels, shape, u)] = -50
-    if labels[4]:  # emphysema: diffuse low-attenuation blobs, not tied to any lobe
-        for _ in range(40):
-            ct[_sphere_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u) & (mask > 0) & (mask < 6)] = -990
-    if labels[3]:  # effusion: fluid replacing the dependent base of one or both lungs
-        sides = [(1, 2), (3, 4, 5)][rng.integers(2)] if rng.random() < 0.6 else (1, 2, 3, 4, 5)
-        base = (z < 0.3 * d - 0.2 * d * y / (13 * u)) & np.isin(mask, sides)  # higher posteriorly
-        ct[base], mask[base] = 15, 0
-    lobe_nodules = [(3, labels[0]), (2, labels[1])]  # right upper, left lower
-    if rng.random() < 0.5:  # a distractor nodule in a lobe that no label is about
-        lobe_nodules.append((int(rng.choice([1, 4, 5])), True))
-    for lobe, present in lobe_nodules:
-        voxels = np.flatnonzero(mask.ravel() == lobe)
-        if present and voxels.size:
-            ct[_sphere_at(rng, voxels, shape, rng.uniform(2.5, 4) * u)] = 40
-
-    ct += rng.normal(0, 20, size=shape).astype(np.float32)
-    ct[(mask == 0) & (ct < -1000)] = AIR_HU
-    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32)
-
-
-def synthetic_split(split, n, seed=0):
-    """Deterministic phantoms for one split: (case ids, [(ct, mask)], labels (n, K)); sizes vary around
-    the pad size so that padding and cropping are both exercised."""
-    split_key = ("train", "val", "test").index(split)
-    cases, volumes, labels = [], [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, split_key, i])
-        shape = tuple(int(s + rng.integers(-4, 5)) for s in SYNTHETIC["pad"])
-        ct, mask, label = make_phantom(rng, shape)
-        cases.append(f"synthetic_{split}_{i:04d}")
-        volumes.append((ct, mask))
-        labels.append(label)
-    return cases, volumes, np.stack(labels)
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the synthetic phantoms as NIfTI files, or preview them.")
-    parser.add_argument("--write-synthetic", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
-    parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
-    cli = parser.parse_args()
-    if cli.write_synthetic:
-        write_synthetic(cli.write_synthetic, dict(zip(("train", "val", "test"), cli.cases)) if cli.cases else None)
-        print(f"wrote {cli.write_synthetic}/ct, totalseg and labels.csv")
-    else:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        cases, volumes, labels = synthetic_split("train", 4)
-        fig, axes = plt.subplots(2, 4, figsize=(12, 6))
-        for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
-            axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
-            axes[0, k].set_title(", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7)
-            axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
-        fig.savefig("synthetic_preview.png", dpi=80)
-        print("wrote synthetic_preview.png (axial CT slices, sagittal masks)")

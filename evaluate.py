@@ -23,8 +23,24 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
 ABBREVIATIONS = {  # paper Tables 7-9 and our synthetic classes
-    "nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL", "cardiomegaly": "CDM",
-    "pleural_effusion": "PLE", "emphysema": "EMP",
+    # CT-RATE (Table 7)
+    "Arterial wall calcification": "AWC", "Atelectasis": "ATL", "Bronchiectasis": "BRE", "Cardiomegaly": "CDM",
+    "Consolidation": "CON", "Coronary artery wall calcification": "CAC", "Emphysema": "EMP", "Hiatal hernia": "HH",
+    "Interlobular septal thickening": "IST", "Lung nodule": "LN", "Lung opacity": "LOP", "Lymphadenopathy": "LAP",
+    "Medical material": "MM", "Mosaic attenuation pattern": "MAP", "Peribronchial thickening": "PBT",
+    "Pericardial effusion": "PCE", "Pleural effusion": "PLE", "Pulmonary fibrotic sequela": "PFS",
+    # RAD-ChestCT (Table 8)
+    "catheter_or_port": "COP", "lymphadenopathy": "LAP", "septal_thickening": "ST", "hernia": "HER", "nodule": "NOD",
+    "pericardial_effusion": "PCE", "scarring": "SCR", "bronchial_wall_thickening": "BWT", "opacity": "OPC",
+    "emphysema": "EMP", "cardiomegaly": "CDM", "pleural_effusion": "PLE", "bronchiectasis": "BRE",
+    "consolidation": "CON", "atelectasis": "ATL", "calcification": "CAL",
+    # RATIC (Table 9)
+    "any_injury": "AI", "bowel_healthy": "BH", "bowel_injury": "BI", "extravasation_healthy": "EH",
+    "extravasation_injury": "EI", "kidney_healthy": "KH", "kidney_high": "KHI", "kidney_low": "KL",
+    "liver_healthy": "LH", "liver_high": "LHI", "liver_low": "LL", "spleen_healthy": "SH", "spleen_high": "SHI",
+    "spleen_low": "SL",
+    # synthetic phantoms
+    "nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL",
 }
 
 

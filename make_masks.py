@@ -235,10 +235,7 @@ def process(case, kind, path, args, lut, totalseg_files):
                                    device=args.device, quiet=True)
         mask = lut[np.asanyarray(seg_img.dataobj).astype(np.uint8)]
     for name, array in (("ct", ct), ("mask", mask)):  # the mask last: its presence marks the case as done
-        path_out = args.dst / name / f"{case}.nii"
-        for stale in path_out.parent.glob(f".{case}.tmp*"):
-            stale.unlink()
-        save_atomic(array, out_affine, path_out)
+        save_atomic(array, out_affine, args.dst / name / f"{case}.nii")
 
 
 def load_metadata(paths):
@@ -276,6 +273,9 @@ def main(args):
         sys.exit(f"no CT found under {args.src} for shard {args.shard} (NIfTI, .npz or DICOM series folders)")
     for sub in ("ct", "mask"):
         (args.dst / sub).mkdir(parents=True, exist_ok=True)
+        for name in os.listdir(args.dst / sub):  # temporary files of a killed run (cases of this shard only)
+            if name.startswith(".") and name.endswith(".tmp.nii") and in_shard(name[1:-len(".tmp.nii")], args.shard):
+                (args.dst / sub / name).unlink()
     args.metadata = load_metadata(args.metadata)
     totalseg_files = {}
     if args.from_totalseg:

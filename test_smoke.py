@@ -12,6 +12,7 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 
 import data
 import evaluate
+import synthetic
 import train
 from model import ARCHS, Backbone, CTClassifier, torchvision_model
 
@@ -79,8 +80,8 @@ def test_window_and_padding_known_answers():
 
 
 def test_synthetic_is_seeded_and_anatomical():
-    a = data.synthetic_split("val", 3)
-    b = data.synthetic_split("val", 3)
+    a = synthetic.synthetic_split("val", 3)
+    b = synthetic.synthetic_split("val", 3)
     np.testing.assert_array_equal(a[1][0][0], b[1][0][0])
     for (ct, mask), label in zip(a[1], a[2]):
         assert ct.dtype == np.int16 and mask.dtype == np.uint8 and set(np.unique(mask)) <= set(range(7))
@@ -119,7 +120,7 @@ def test_each_backbone_trains(tmp_path, arch, seg):
 
 def test_fixed_batch_overfits():
     torch.manual_seed(0)
-    cases, volumes, labels = data.synthetic_split("train", 4)
+    cases, volumes, labels = synthetic.synthetic_split("train", 4)
     ds = data.CTDataset(cases, volumes, labels, (40, 60, 60), (32, 48, 48), train=False, with_mask=True)
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     model = CTClassifier("r3d", labels.shape[1], (32, 48, 48), seg_classes=7).train()
@@ -128,7 +129,7 @@ def test_fixed_batch_overfits():
     losses = []
     for _ in range(12):
         logits, seg_logits = model(x)
-        loss = train.classification_loss(logits, batch["label"], {}) + train.segmentation_loss(
+        loss = train.classification_loss(logits, batch["label"], {"task": "multilabel"}) + train.segmentation_loss(
             seg_logits, batch["mask"].long(), "dice_ce")
         loss.backward()
         optimizer.step()

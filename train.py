@@ -41,7 +41,7 @@ class NonFiniteLoss(RuntimeError):
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="synthetic", choices=("synthetic",))
+    parser.add_argument("--dataset", default="synthetic", choices=("synthetic", "ctrate", "radchest", "ratic"))
     parser.add_argument("--model", default="r3d", choices=ARCHS)
     parser.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
     parser.add_argument("--seg-loss", default="ce", choices=("ce", "dice", "dice_ce"))
@@ -49,6 +49,9 @@ def get_args_parser():
     parser.add_argument("--data-path", default=None, help="dataset root holding the label files")
     parser.add_argument("--prep-dir", default=None, help="make_masks.py output (ct/, mask/); default <data-path>/prep")
     parser.add_argument("--skip-missing", action="store_true", help="skip (and list) labelled cases without files")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold out this fraction of training patients for validation (default: none, as the paper)")
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the RATIC patient split (drawn once)")
     parser.add_argument("--output-dir", default=None, help="run folder (default runs/<dataset>_<model>[_seg]_s<seed>)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="checkpoint to resume from; without a value: <output-dir>/checkpoint.pth if present")
@@ -83,12 +86,61 @@ def step_seed(seed, rank, iteration):
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
 
 
+# RATIC heads (eq. 2, 5): sigmoid injury logits for bowel and extravasation, softmax over healthy/low/high for
+# kidney, liver and spleen: 11 outputs. Losses are weighted means with the paper's sample weights.
+RATIC_BINARY = {"bowel": 2.0, "extravasation": 6.0}  # weight of an injured sample (healthy: 1)
+RATIC_ORGANS = ("kidney", "liver", "spleen")
+RATIC_GRADE_WEIGHTS = (1.0, 2.0, 4.0)  # healthy, low, high
+RATIC_ANY_WEIGHT, RATIC_ANY_LAMBDA = 6.0, 0.1
+
+
+def num_outputs(info):
+    return len(RATIC_BINARY) + 3 * len(RATIC_ORGANS) if info["task"] == "ratic" else len(info["classes"])
+
+
+def ratic_probabilities(logits):
+    """(B, 11) logits -> {column: (B,) probability} for the RATIC columns, any_injury by eq. 2."""
+    probs, healthy = {}, []
+    for k, name in enumerate(RATIC_BINARY):
+        probs[f"{name}_injury"] = torch.sigmoid(logits[:, k])
+        probs[f"{name}_healthy"] = 1 - probs[f"{name}_injury"]
+    for k, organ in enumerate(RATIC_ORGANS):
+        grades = logits[:, 2 + 3 * k: 5 + 3 * k].softmax(1)
+        for g, grade in enumerate(("healthy", "low", "high")):
+            probs[f"{organ}_{grade}"] = grades[:, g]
+    healthy = torch.stack([probs[f"{name}_healthy"] for name in ("bowel", "liver", "spleen", "kidney", "extravasation")])
+    probs["any_injury"] = 1 - healthy.prod(0)
+    return probs
+
+
+def weighted_mean(losses, weights):
+    return (losses * weights).sum() / weights.sum()
+
+
 def classification_loss(logits, labels, info):
-    return F.binary_cross_entropy_with_logits(logits, labels)
+    if info["task"] != "ratic":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    y = {name: labels[:, i] for i, name in enumerate(info["classes"])}
+    cls1 = sum(weighted_mean(F.binary_cross_entropy_with_logits(logits[:, k], y[f"{name}_injury"], reduction="none"),
+                             1 + (w - 1) * y[f"{name}_injury"]) for k, (name, w) in enumerate(RATIC_BINARY.items()))
+    cls2 = 0
+    grade_weights = logits.new_tensor(RATIC_GRADE_WEIGHTS)
+    for k, organ in enumerate(RATIC_ORGANS):
+        target = torch.stack([y[f"{organ}_{g}"] for g in ("healthy", "low", "high")], 1).argmax(1)
+        ce = F.cross_entropy(logits[:, 2 + 3 * k: 5 + 3 * k], target, reduction="none")
+        cls2 = cls2 + weighted_mean(ce, grade_weights[target])
+    p_any = ratic_probabilities(logits)["any_injury"].clamp(1e-6, 1 - 1e-6)
+    any_loss = weighted_mean(F.binary_cross_entropy(p_any, y["any_injury"], reduction="none"),
+                             1 + (RATIC_ANY_WEIGHT - 1) * y["any_injury"])
+    return cls1 / len(RATIC_BINARY) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
 
 
 def probabilities(logits, info):
-    return torch.sigmoid(logits)
+    """Probabilities of the evaluated columns (info["classes"])."""
+    if info["task"] != "ratic":
+        return torch.sigmoid(logits)
+    probs = ratic_probabilities(logits)
+    return torch.stack([probs[c] for c in info["classes"]], 1)
 
 
 def segmentation_loss(seg_logits, target, kind):
@@ -278,7 +330,7 @@ def main(args):
 
     torch.manual_seed(args.seed)
     seg_classes = len(info["structures"]) + 1 if args.seg else 0
-    model = CTClassifier(args.model, len(info["classes"]), info["crop"], seg_classes=seg_classes).to(device)
+    model = CTClassifier(args.model, num_outputs(info), info["crop"], seg_classes=seg_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == torch.float16)
     iteration, best_auc = 0, -math.inf

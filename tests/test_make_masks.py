@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import data
+import synthetic
 import make_masks
 from totalseg_standin import make_standin
 
@@ -224,7 +225,7 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
     process.wait()
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("*.nii")}
     assert 2 <= len(finished) < 9, "the kill should land mid-run"
-    (out / "ct" / ".case7.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
+    (out / "ct" / ".case0.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     for case in [f"case{i}" for i in range(8)] + ["example"]:
         assert make_masks.is_done(out, case)
@@ -235,7 +236,7 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
 
 def test_synthetic_files_through_make_masks_train_the_same_as_in_memory(tmp_path):
     import train
-    data.write_synthetic(tmp_path / "syn", {"train": 6, "val": 2, "test": 3})
+    synthetic.write_synthetic(tmp_path / "syn", {"train": 6, "val": 2, "test": 3})
     run(tmp_path / "syn" / "ct", tmp_path / "syn" / "prep", "chest", "--from-totalseg", str(tmp_path / "syn" / "totalseg"))
     common = ["--seg", "-b", "2", "-j", "0", "--epochs", "1"]
     for name, extra in (("files", ["--data-path", str(tmp_path / "syn")]), ("memory", ["--synthetic-cases", "6", "2", "3"])):
