@@ -122,11 +122,12 @@ def is_dicom(path):
         return f.read(132)[128:] == b"DICM"
 
 
-def find_cases(src):
-    """{case id: (kind, path)} for every NIfTI, .npz and DICOM series folder under src."""
+def find_cases(src, exclude=None):
+    """{case id: (kind, path)} for every NIfTI, .npz and DICOM series folder under src (not under `exclude`)."""
     cases = {}
-    for root, _, files in os.walk(src):
+    for root, dirs, files in os.walk(src):
         root = Path(root)
+        dirs[:] = [d for d in dirs if exclude is None or (root / d).resolve() != Path(exclude).resolve()]
         for name in files:
             if name.endswith((".nii", ".nii.gz")):
                 case, kind, path = name.split(".nii")[0], "nifti", root / name
@@ -267,7 +268,7 @@ def in_shard(case, shard):
 
 def main(args):
     from tqdm import tqdm
-    cases = find_cases(args.src)
+    cases = find_cases(args.src, exclude=args.dst)
     mine = sorted(c for c in cases if in_shard(c, args.shard))
     if not mine:
         sys.exit(f"no CT found under {args.src} for shard {args.shard} (NIfTI, .npz or DICOM series folders)")

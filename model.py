@@ -95,6 +95,38 @@ class Backbone(nn.Module):
         return net.norm(x).permute(0, 4, 1, 2, 3)
 
 
+# RATIC (eq. 2): sigmoid P(injury) for bowel and extravasation, softmax over healthy/low/high for each organ.
+RATIC_BINARY = ("bowel", "extravasation")
+RATIC_ORGANS = ("kidney", "liver", "spleen")
+
+
+def num_outputs(task, num_classes):
+    return len(RATIC_BINARY) + 3 * len(RATIC_ORGANS) if task == "ratic" else num_classes
+
+
+def ratic_probabilities(logits):
+    """(B, 11) logits -> {RATIC column: (B,) probability}; p_any_injury = 1 - prod of p_healthy (eq. 2)."""
+    probs = {}
+    for k, name in enumerate(RATIC_BINARY):
+        probs[f"{name}_injury"] = torch.sigmoid(logits[:, k])
+        probs[f"{name}_healthy"] = 1 - probs[f"{name}_injury"]
+    for k, organ in enumerate(RATIC_ORGANS):
+        grades = logits[:, 2 + 3 * k: 5 + 3 * k].softmax(1)
+        for g, grade in enumerate(("healthy", "low", "high")):
+            probs[f"{organ}_{grade}"] = grades[:, g]
+    healthy = torch.stack([probs[f"{name}_healthy"] for name in (*RATIC_BINARY, *RATIC_ORGANS)])
+    probs["any_injury"] = 1 - healthy.prod(0)
+    return probs
+
+
+def probabilities(logits, task, classes):
+    """The normalizing function of eq. 1: (B, outputs) logits -> (B, len(classes)) probabilities."""
+    if task != "ratic":
+        return torch.sigmoid(logits)
+    probs = ratic_probabilities(logits)
+    return torch.stack([probs[c] for c in classes], 1)
+
+
 class CTClassifier(nn.Module):
     def __init__(self, arch, num_outputs, input_size, seg_classes=0):
         super().__init__()

@@ -6,6 +6,8 @@
 
 Loss (eq. 4): BCE-with-logits on the findings + `--seg-weight` * CE between the upsampled 1x1x1-conv
 segmentation logits and the TotalSegmentator mask; without `--seg` there is no segmentation head at all.
+RATIC (eq. 5): weighted BCE (bowel, extravasation) + weighted CE (kidney, liver, spleen grades)
++ 0.1 * weighted BCE of p_any_injury + the segmentation loss.
 AdamW (weight decay 1e-4), cosine learning rate per iteration, gradient-norm clipping at 5.0, and the
 Table 4 learning rate / batch size / epochs for the dataset x model unless given. The run folder gets
 iterations.csv (loss, cls_loss, seg_loss, grad-norm before clipping, lr per step), epochs.csv (validation
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 import data
 from evaluate import compute_metrics, evaluate_predictions, write_predictions
-from model import ARCHS, CTClassifier
+from model import ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, num_outputs, probabilities, ratic_probabilities
 
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
              ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
@@ -86,31 +88,10 @@ def step_seed(seed, rank, iteration):
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
 
 
-# RATIC heads (eq. 2, 5): sigmoid injury logits for bowel and extravasation, softmax over healthy/low/high for
-# kidney, liver and spleen: 11 outputs. Losses are weighted means with the paper's sample weights.
-RATIC_BINARY = {"bowel": 2.0, "extravasation": 6.0}  # weight of an injured sample (healthy: 1)
-RATIC_ORGANS = ("kidney", "liver", "spleen")
+# RATIC (eq. 5): weighted means with the paper's sample weights; healthy samples weigh 1.
+RATIC_INJURY_WEIGHTS = {"bowel": 2.0, "extravasation": 6.0}
 RATIC_GRADE_WEIGHTS = (1.0, 2.0, 4.0)  # healthy, low, high
-RATIC_ANY_WEIGHT, RATIC_ANY_LAMBDA = 6.0, 0.1
-
-
-def num_outputs(info):
-    return len(RATIC_BINARY) + 3 * len(RATIC_ORGANS) if info["task"] == "ratic" else len(info["classes"])
-
-
-def ratic_probabilities(logits):
-    """(B, 11) logits -> {column: (B,) probability} for the RATIC columns, any_injury by eq. 2."""
-    probs, healthy = {}, []
-    for k, name in enumerate(RATIC_BINARY):
-        probs[f"{name}_injury"] = torch.sigmoid(logits[:, k])
-        probs[f"{name}_healthy"] = 1 - probs[f"{name}_injury"]
-    for k, organ in enumerate(RATIC_ORGANS):
-        grades = logits[:, 2 + 3 * k: 5 + 3 * k].softmax(1)
-        for g, grade in enumerate(("healthy", "low", "high")):
-            probs[f"{organ}_{grade}"] = grades[:, g]
-    healthy = torch.stack([probs[f"{name}_healthy"] for name in ("bowel", "liver", "spleen", "kidney", "extravasation")])
-    probs["any_injury"] = 1 - healthy.prod(0)
-    return probs
+RATIC_ANY_WEIGHT, RATIC_ANY_LAMBDA = 6.0, 0.1  # any_injury: weight 6, loss scaled by 0.1 (its gradients are large)
 
 
 def weighted_mean(losses, weights):
@@ -122,25 +103,17 @@ def classification_loss(logits, labels, info):
         return F.binary_cross_entropy_with_logits(logits, labels)
     y = {name: labels[:, i] for i, name in enumerate(info["classes"])}
     cls1 = sum(weighted_mean(F.binary_cross_entropy_with_logits(logits[:, k], y[f"{name}_injury"], reduction="none"),
-                             1 + (w - 1) * y[f"{name}_injury"]) for k, (name, w) in enumerate(RATIC_BINARY.items()))
+                             1 + (RATIC_INJURY_WEIGHTS[name] - 1) * y[f"{name}_injury"]) for k, name in enumerate(RATIC_BINARY))
     cls2 = 0
     grade_weights = logits.new_tensor(RATIC_GRADE_WEIGHTS)
     for k, organ in enumerate(RATIC_ORGANS):
         target = torch.stack([y[f"{organ}_{g}"] for g in ("healthy", "low", "high")], 1).argmax(1)
         ce = F.cross_entropy(logits[:, 2 + 3 * k: 5 + 3 * k], target, reduction="none")
         cls2 = cls2 + weighted_mean(ce, grade_weights[target])
-    p_any = ratic_probabilities(logits)["any_injury"].clamp(1e-6, 1 - 1e-6)
+    p_any = ratic_probabilities(logits)["any_injury"].clamp(1e-6, 1 - 1e-6)  # eq. 2
     any_loss = weighted_mean(F.binary_cross_entropy(p_any, y["any_injury"], reduction="none"),
                              1 + (RATIC_ANY_WEIGHT - 1) * y["any_injury"])
-    return cls1 / len(RATIC_BINARY) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
-
-
-def probabilities(logits, info):
-    """Probabilities of the evaluated columns (info["classes"])."""
-    if info["task"] != "ratic":
-        return torch.sigmoid(logits)
-    probs = ratic_probabilities(logits)
-    return torch.stack([probs[c] for c in info["classes"]], 1)
+    return cls1 / len(RATIC_INJURY_WEIGHTS) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
 
 
 def segmentation_loss(seg_logits, target, kind):
@@ -199,9 +172,8 @@ def flush_log(pending, args, epoch, data_time):
     """Average over processes once per flush (not per step), stop on a non-finite loss, append to the CSV."""
     values = torch.stack([v for _, _, v in pending])  # (steps, 4): loss, cls_loss, seg_loss, grad_norm
     if args.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.AVG if values.is_cuda else dist.ReduceOp.SUM)
-        if not values.is_cuda:
-            values /= args.world_size
+        dist.all_reduce(values)  # SUM: the one reduction both gloo and nccl support
+        values /= args.world_size
     values = values.tolist()
     for (it, _, _), (loss, cls_loss, seg_loss, grad_norm) in zip(pending, values):
         grad_ok = math.isfinite(grad_norm) or args.amp_dtype == torch.float16  # fp16 scaler skips those steps
@@ -230,7 +202,7 @@ def evaluate(model, loader, device, args, info):
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), info["window"])
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
             logits = model(ct)
-        probs.append(probabilities(logits.float(), info).cpu())
+        probs.append(probabilities(logits.float(), info["task"], info["classes"]).cpu())
         indices.append(batch["index"])
     local = (torch.cat(indices).numpy(), torch.cat(probs).numpy())
     parts = [local]
@@ -330,7 +302,7 @@ def main(args):
 
     torch.manual_seed(args.seed)
     seg_classes = len(info["structures"]) + 1 if args.seg else 0
-    model = CTClassifier(args.model, num_outputs(info), info["crop"], seg_classes=seg_classes).to(device)
+    model = CTClassifier(args.model, num_outputs(info["task"], len(info["classes"])), info["crop"], seg_classes=seg_classes).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == torch.float16)
     iteration, best_auc = 0, -math.inf
@@ -375,7 +347,7 @@ def main(args):
                   + "  ".join(f"{r['class']} {100 * r['auc']:.1f}" for r in rows), flush=True)
             with open(os.path.join(args.output_dir, "epochs.csv"), "a", newline="") as f:
                 csv.writer(f).writerow([epoch, iteration, name, f"{macro['auc']:.6f}", f"{time.time() - t0:.1f}"])
-        if macro["auc"] > best_auc:
+        if name == "val" and macro["auc"] > best_auc:  # never select on the test set
             best_auc = macro["auc"]
             save_checkpoint(args, model, optimizer, scaler, iteration, best_auc, "checkpoint_best.pth")
         save_checkpoint(args, model, optimizer, scaler, iteration, best_auc)

@@ -14,6 +14,7 @@ import torch
 
 import data
 import make_masks
+import model
 import synthetic
 import train
 
@@ -133,9 +134,9 @@ def test_ctrate_holdout_validation_is_by_patient(ctrate):
 def radchest(tmp_path):
     """<NoteAcc_DEID>.npz volumes (key 'ct', superior->inferior, anterior->posterior, right->left) and the three
     img{train,valid,test}_Abnormality_and_Location_Labels.csv with '<abnormality>*<location>' columns."""
-    root = tmp_path / "RAD-ChestCT"
+    root, ts_dir = tmp_path / "RAD-ChestCT", tmp_path / "rad_totalseg"
     (root / "volumes").mkdir(parents=True)
-    (root / "ts").mkdir()
+    ts_dir.mkdir()
     columns = [f"{a}*{loc}" for a in (*data.RADCHEST_CLASSES, "nodulegr1cm", "mass") for loc in ("left_upper", "right_lower")]
     splits = {"train": ["trn00001", "trn00002", "trn00003", "trn00004"], "valid": ["val00001", "val00002"],
               "test": ["tst00001", "tst00002", "tst00003"]}
@@ -146,12 +147,13 @@ def radchest(tmp_path):
             ct, ts = phantom(i, split)
             np.savez_compressed(root / "volumes" / f"{case}.npz", ct=np.ascontiguousarray(ct[::-1, ::-1, ::-1].transpose(2, 1, 0)))
             _, affine = make_masks.read_npz(root / "volumes" / f"{case}.npz")
-            nib.save(nib.Nifti1Image(ts[::-1, ::-1, ::-1].transpose(2, 1, 0).copy(), affine), root / "ts" / f"{case}.nii.gz")
+            nib.save(nib.Nifti1Image(ts[::-1, ::-1, ::-1].transpose(2, 1, 0).copy(), affine), ts_dir / f"{case}.nii.gz")
             rows.append([case, *rng.integers(0, 2, len(columns))])
         rows[0][1:] = [0] * len(columns)
         rows[1][1:] = [1] * len(columns)
         write_csv(root / f"img{split}_Abnormality_and_Location_Labels.csv", ["NoteAcc_DEID", *columns], rows)
-    run_make_masks(root / "volumes", root / "prep", "chest", root / "ts")
+    for _ in range(2):  # the output folder inside --src is not mistaken for input on a rerun
+        run_make_masks(root, root / "prep", "chest", ts_dir)
     return root
 
 
@@ -269,7 +271,7 @@ def test_ratic_trains_with_its_heads(ratic, tmp_path):
 def test_any_injury_is_one_minus_product_of_healthy():
     torch.manual_seed(0)
     logits = torch.randn(5, 11)
-    probs = train.ratic_probabilities(logits)
+    probs = model.ratic_probabilities(logits)
     x = logits.double().numpy()
     sig = 1 / (1 + np.exp(-x[:, :2]))
     soft = [np.exp(x[:, 2 + 3 * k:5 + 3 * k]) / np.exp(x[:, 2 + 3 * k:5 + 3 * k]).sum(1, keepdims=True) for k in range(3)]
@@ -293,7 +295,7 @@ def test_ratic_loss_uses_the_paper_sample_weights():
     kidney = (4 * ce([1.0, 0.0, -1.0], 2) + 1 * ce([0.0, 1.0, 0.5], 0)) / 5
     liver = (1 * ce([0.2, 0.1, 0.3], 0) + 1 * ce([1.0, -1.0, 0.0], 0)) / 2
     spleen = (2 * ce([-0.5, 0.5, 0.0], 1) + 1 * ce([0.0, 0.0, 2.0], 0)) / 3
-    p_any = train.ratic_probabilities(logits)["any_injury"].double().numpy()
+    p_any = model.ratic_probabilities(logits)["any_injury"].double().numpy()
     any_injury = (6 * -math.log(p_any[0]) + 1 * -math.log(1 - p_any[1])) / 7
     expected = (bowel + extravasation) / 2 + (kidney + liver + spleen) / 3 + 0.1 * any_injury
     assert math.isclose(train.classification_loss(logits, labels, info).item(), expected, rel_tol=1e-5)
