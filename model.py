@@ -95,6 +95,59 @@ class Backbone(nn.Module):
         return net.norm(x).permute(0, 4, 1, 2, 3)
 
 
+# Kinetics-400 initialisation (paper §3.3, A.4): everything but the 1-channel stem and the classifier head
+PRETRAINED_WEIGHTS = {"r3d": tv_video.R3D_18_Weights.KINETICS400_V1, "mvit": tv_video.MViT_V2_S_Weights.KINETICS400_V1,
+                      "swin": tv_video.Swin3D_T_Weights.KINETICS400_V1}
+REPLACED = {"r3d": ("stem.0.", "fc."), "mvit": ("conv_proj.", "head."), "swin": ("patch_embed.proj.", "head.")}
+SOURCE_SWIN_WINDOW = (8, 7, 7)  # the window Swin3D-T was trained with
+
+
+def resize_rel_pos(table, length):
+    """(L, C) -> (length, C) by linear interpolation, as torchvision's MViT resizes its tables at run time."""
+    return table if table.shape[0] == length else F.interpolate(table.T[None], size=length, mode="linear")[0].T
+
+
+def resize_bias_table(table, source_window, window):
+    """Swin's (prod(2w - 1), heads) relative-position bias, trilinearly resampled to another window."""
+    src, dst = [2 * w - 1 for w in source_window], [2 * w - 1 for w in window]
+    grid = table.T.reshape(1, -1, *src)  # (1, heads, 2Wd-1, 2Wh-1, 2Ww-1)
+    return F.interpolate(grid, size=dst, mode="trilinear", align_corners=True).reshape(table.shape[1], -1).T
+
+
+def load_pretrained(backbone, source):
+    """Load Kinetics-400 weights into backbone.net from torchvision ("download": its weights API and cache) or
+    from a state-dict file. Returns report lines; raises if any backbone tensor is left without a value."""
+    if source == "download":
+        state = PRETRAINED_WEIGHTS[backbone.arch].get_state_dict(progress=True, check_hash=True)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    own = backbone.net.state_dict()
+    new, adapted, skipped = {}, [], []
+    for name, value in state.items():
+        if name.startswith(REPLACED[backbone.arch]) or name not in own:
+            skipped.append(name)
+        elif value.shape == own[name].shape:
+            new[name] = value
+        elif ".rel_pos_" in name:  # MViT: sized by the token grid
+            new[name] = resize_rel_pos(value, own[name].shape[0])
+            adapted.append(f"{name} {tuple(value.shape)} -> {tuple(own[name].shape)}")
+        elif name.endswith("relative_position_bias_table"):  # Swin: sized by the window
+            window = backbone.net.get_submodule(name.rsplit(".", 1)[0]).window_size
+            new[name] = resize_bias_table(value, SOURCE_SWIN_WINDOW, window)
+            adapted.append(f"{name} {tuple(value.shape)} -> {tuple(own[name].shape)}")
+        elif not name.endswith("relative_position_index"):  # the index is rebuilt for the window
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model {tuple(own[name].shape)}")
+    missing = [k for k in own if k not in new and not k.startswith(REPLACED[backbone.arch])
+               and not k.endswith(("num_batches_tracked", "relative_position_index"))]
+    if missing or not new:
+        raise ValueError(f"{source}: no value for {len(missing)} of {len(own)} backbone tensors, e.g. {missing[:3]} "
+                         f"(is it the Kinetics-400 {backbone.arch} state dict?)")
+    backbone.net.load_state_dict(new, strict=False)
+    return [f"pretrained {backbone.arch} from {source}: loaded {len(new) - len(adapted)} tensors as they are, "
+            f"adapted {len(adapted)}, not used {len(skipped)} ({', '.join(sorted({s.split('.')[0] for s in skipped}))})",
+            *(f"  adapted {a}" for a in adapted)]
+
+
 # RATIC (eq. 2): sigmoid P(injury) for bowel and extravasation, softmax over healthy/low/high for each organ.
 RATIC_BINARY = ("bowel", "extravasation")
 RATIC_ORGANS = ("kidney", "liver", "spleen")

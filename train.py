@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 import data
 from evaluate import compute_metrics, evaluate_predictions, write_predictions
-from model import ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, num_outputs, probabilities, ratic_probabilities
+from model import (ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, load_pretrained, num_outputs, probabilities,
+                   ratic_probabilities)
 
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
              ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
@@ -46,6 +47,8 @@ def get_args_parser():
     parser.add_argument("--dataset", default="synthetic", choices=("synthetic", "ctrate", "radchest", "ratic"))
     parser.add_argument("--model", default="r3d", choices=ARCHS)
     parser.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
+    parser.add_argument("--pretrained", nargs="?", const="download", default=None, metavar="PATH",
+                        help="start from Kinetics-400 weights: torchvision's weights API, or this state-dict file")
     parser.add_argument("--seg-loss", default="ce", choices=("ce", "dice", "dice_ce"))
     parser.add_argument("--seg-weight", default=1.0, type=float)
     parser.add_argument("--data-path", default=None, help="dataset root holding the label files")
@@ -276,7 +279,8 @@ def set_defaults(args, info):
         else:
             notes.append(f"{name} {getattr(args, name)} (given; Table 4: {table[table_key]})")
     if args.output_dir is None:
-        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{'_seg' if args.seg else ''}_s{args.seed}")
+        name = f"{args.dataset}_{args.model}{'_seg' if args.seg else ''}{'_pre' if args.pretrained else ''}_s{args.seed}"
+        args.output_dir = os.path.join("runs", name)
     return notes
 
 
@@ -300,16 +304,24 @@ def main(args):
               f"{info['window']}, {len(info['classes'])} classes, cases: "
               + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f", {args.world_size} process(es)")
 
-    torch.manual_seed(args.seed)
-    seg_classes = len(info["structures"]) + 1 if args.seg else 0
-    model = CTClassifier(args.model, num_outputs(info["task"], len(info["classes"])), info["crop"], seg_classes=seg_classes).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == torch.float16)
-    iteration, best_auc = 0, -math.inf
-    if args.resume == "auto":
+    if args.resume == "auto":  # resume if there is something to resume from: a requeued job reruns one command
         args.resume = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.exists(args.resume):
             args.resume = None
+    torch.manual_seed(args.seed)
+    seg_classes = len(info["structures"]) + 1 if args.seg else 0
+    model = CTClassifier(args.model, num_outputs(info["task"], len(info["classes"])), info["crop"], seg_classes=seg_classes)
+    if args.pretrained and not args.resume:
+        try:
+            report = load_pretrained(model.backbone, args.pretrained)
+        except (OSError, ValueError, RuntimeError) as error:
+            sys.exit(f"cannot load pretrained weights: {error}")
+        if args.rank == 0:
+            print("\n".join(report))
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and args.amp_dtype == torch.float16)
+    iteration, best_auc = 0, -math.inf
     if args.resume:
         checkpoint = torch.load(args.resume, map_location="cpu", weights_only=False)
         for key in ("dataset", "model", "seg", "batch_size", "world_size"):
