@@ -19,6 +19,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
@@ -80,6 +81,33 @@ def compute_metrics(y_true, y_prob, class_names, method="youden"):
     macro = {m: float(np.mean([r[m] for r in rows])) if rows else math.nan for m in METRICS}
     macro.update(classes=len(rows), skipped=len(skipped))
     return rows, macro, skipped
+
+
+def dice_counts(pred, target, num_labels):
+    """Per case and foreground structure: (intersection, predicted, true) voxel counts, (B, num_labels - 1, 3)."""
+    counts = []
+    for label in range(1, num_labels):
+        p, t = pred == label, target == label
+        counts.append(torch.stack([(p & t).sum((1, 2, 3)), p.sum((1, 2, 3)), t.sum((1, 2, 3))], 1))
+    return torch.stack(counts, 1)
+
+
+def dice_summary(counts, structures):
+    """Mean per-case Dice of each structure over the cases that contain it; counts (N, S, 3)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    summary = {}
+    for s, name in enumerate(structures):
+        present = counts[:, s, 2] > 0
+        dice = 2 * counts[present, s, 0] / (counts[present, s, 1] + counts[present, s, 2])
+        summary[name] = {"dice": float(dice.mean()) if present.any() else math.nan, "cases": int(present.sum())}
+    summary["mean"] = {"dice": float(np.nanmean([v["dice"] for v in summary.values()])), "cases": len(counts)}
+    return summary
+
+
+def write_json(path, obj):
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(f"{path}.tmp", path)
 
 
 def read_predictions(path):

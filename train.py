@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from evaluate import compute_metrics, evaluate_predictions, write_predictions
+from evaluate import compute_metrics, dice_counts, dice_summary, evaluate_predictions, write_json, write_predictions
 from model import (ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, load_pretrained, num_outputs, probabilities,
                    ratic_probabilities)
 
@@ -197,27 +197,30 @@ def flush_log(pending, args, epoch, data_time):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, args, info):
-    """Class probabilities for every case of the loader's dataset, each exactly once across processes."""
+def evaluate(model, loader, device, args, info, with_dice=False):
+    """Class probabilities for every case of the loader's dataset, each exactly once across processes, and with
+    `with_dice` the per-case Dice counts of the segmentation head (B, structures, 3)."""
     model.eval()
-    indices, probs = [], []
+    indices, probs, dice = [], [], []
     for batch in loader:
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), info["window"])
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
-            logits = model(ct)
+            logits, seg_logits = model(ct, with_seg=True) if with_dice else (model(ct), None)
         probs.append(probabilities(logits.float(), info["task"], info["classes"]).cpu())
         indices.append(batch["index"])
-    local = (torch.cat(indices).numpy(), torch.cat(probs).numpy())
+        if with_dice:
+            dice.append(dice_counts(seg_logits.argmax(1), batch["mask"].to(device), seg_logits.shape[1]).cpu())
+    local = [torch.cat(indices).numpy(), torch.cat(probs).numpy(), torch.cat(dice).numpy() if with_dice else None]
     parts = [local]
     if args.distributed:
         parts = [None] * args.world_size
         dist.all_gather_object(parts, local)
     order = np.concatenate([p[0] for p in parts])
-    y_prob = np.concatenate([p[1] for p in parts])[np.argsort(order)]
-    dataset = loader.dataset
-    if sorted(order.tolist()) != list(range(len(dataset))):
+    if sorted(order.tolist()) != list(range(len(loader.dataset))):
         raise RuntimeError("evaluation did not see every case exactly once")
-    return y_prob, dataset.labels
+    y_prob = np.concatenate([p[1] for p in parts])[np.argsort(order)]
+    counts = np.concatenate([p[2] for p in parts])[np.argsort(order)] if with_dice else None
+    return y_prob, loader.dataset.labels, counts
 
 
 def save_checkpoint(args, model, optimizer, scaler, iteration, best_auc, name="checkpoint.pth"):
@@ -297,7 +300,10 @@ def main(args):
     except (OSError, ValueError) as error:
         sys.exit(f"cannot build the {args.dataset} dataset: {error}")
     notes = set_defaults(args, info)
+    args.info = info  # with the checkpoint's args, enough to rebuild the model and its preprocessing
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.rank == 0:
+        write_json(os.path.join(args.output_dir, "config.json"), {k: v for k, v in vars(args).items() if k != "amp_dtype"})
     if args.rank == 0:
         print(f"{args.dataset} / {args.model} / {'with' if args.seg else 'without'} segmentation supervision -> "
               f"{args.output_dir}\n  " + "\n  ".join(notes) + f"\n  crop {info['crop']} (D, H, W), HU window "
@@ -352,7 +358,7 @@ def main(args):
         train_one_epoch(model, optimizer, scaler, train_loader, device, epoch, args, info, first_step, best_auc)
         first_step, iteration = 0, (epoch + 1) * args.iters_per_epoch
         name = "val" if "val" in eval_loaders else "test"
-        y_prob, y_true = evaluate(model, eval_loaders[name], device, args, info)
+        y_prob, y_true, _ = evaluate(model, eval_loaders[name], device, args, info)
         rows, macro, _ = compute_metrics(y_true, y_prob, info["classes"])
         if args.rank == 0:
             print(f"epoch {epoch} done in {time.time() - t0:.0f}s: {name} macro AUC {100 * macro['auc']:.2f}  "
@@ -369,10 +375,12 @@ def main(args):
     if "val" in eval_loaders and os.path.exists(best_path) and not args.test_only:
         unwrap(model).load_state_dict(torch.load(best_path, map_location="cpu", weights_only=False)["model"])
     for name, loader in eval_loaders.items():
-        y_prob, y_true = evaluate(model, loader, device, args, info)
+        y_prob, y_true, counts = evaluate(model, loader, device, args, info, with_dice=args.seg)
         if args.rank == 0:
             path = os.path.join(args.output_dir, f"predictions_{name}.csv")
             write_predictions(path, loader.dataset.case_ids, y_true, y_prob, info["classes"])
+            if args.seg:  # did the auxiliary branch learn the anatomy? Dice of its argmax on the centre crops
+                write_json(os.path.join(args.output_dir, f"dice_{name}.json"), dice_summary(counts, info["structures"]))
     if args.rank == 0:
         evaluate_predictions(os.path.join(args.output_dir, "predictions_test.csv"))
     if args.distributed:
