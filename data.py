@@ -29,19 +29,22 @@ REGIONS = {  # paper Table 3; sizes (D, H, W)
 }
 AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
 
-CTRATE_CLASSES = (  # the 18 columns of multi_abnormality_labels, in the paper's Table 7 order
-    "Arterial wall calcification", "Atelectasis", "Bronchiectasis", "Cardiomegaly", "Consolidation",
-    "Coronary artery wall calcification", "Emphysema", "Hiatal hernia", "Interlobular septal thickening",
-    "Lung nodule", "Lung opacity", "Lymphadenopathy", "Medical material", "Mosaic attenuation pattern",
-    "Peribronchial thickening", "Pericardial effusion", "Pleural effusion", "Pulmonary fibrotic sequela")
-RADCHEST_CLASSES = (  # paper Table 2 ("spetal" is "septal"; the column is "opacity")
-    "catheter_or_port", "lymphadenopathy", "septal_thickening", "hernia", "nodule", "pericardial_effusion",
-    "scarring", "bronchial_wall_thickening", "opacity", "emphysema", "cardiomegaly", "pleural_effusion",
-    "bronchiectasis", "consolidation", "atelectasis", "calcification")
-RATIC_COLUMNS = (  # evaluated columns, paper Table 9 order; the model has 11 outputs, see train.py
-    "any_injury", "bowel_healthy", "bowel_injury", "extravasation_healthy", "extravasation_injury",
-    "kidney_healthy", "kidney_high", "kidney_low", "liver_healthy", "liver_high", "liver_low",
-    "spleen_healthy", "spleen_high", "spleen_low")
+CTRATE_CLASSES = {  # the 18 columns of multi_abnormality_labels in the paper's Table 7 order: abbreviation
+    "Arterial wall calcification": "AWC", "Atelectasis": "ATL", "Bronchiectasis": "BRE", "Cardiomegaly": "CDM",
+    "Consolidation": "CON", "Coronary artery wall calcification": "CAC", "Emphysema": "EMP", "Hiatal hernia": "HH",
+    "Interlobular septal thickening": "IST", "Lung nodule": "LN", "Lung opacity": "LOP", "Lymphadenopathy": "LAP",
+    "Medical material": "MM", "Mosaic attenuation pattern": "MAP", "Peribronchial thickening": "PBT",
+    "Pericardial effusion": "PCE", "Pleural effusion": "PLE", "Pulmonary fibrotic sequela": "PFS"}
+RADCHEST_CLASSES = {  # paper Table 2 / 8 ("spetal" is "septal"; the column is "opacity")
+    "catheter_or_port": "COP", "lymphadenopathy": "LAP", "septal_thickening": "ST", "hernia": "HER", "nodule": "NOD",
+    "pericardial_effusion": "PCE", "scarring": "SCR", "bronchial_wall_thickening": "BWT", "opacity": "OPC",
+    "emphysema": "EMP", "cardiomegaly": "CDM", "pleural_effusion": "PLE", "bronchiectasis": "BRE",
+    "consolidation": "CON", "atelectasis": "ATL", "calcification": "CAL"}
+RATIC_COLUMNS = {  # evaluated columns, paper Table 9 order; the model has 11 outputs (model.py)
+    "any_injury": "AI", "bowel_healthy": "BH", "bowel_injury": "BI", "extravasation_healthy": "EH",
+    "extravasation_injury": "EI", "kidney_healthy": "KH", "kidney_high": "KHI", "kidney_low": "KL",
+    "liver_healthy": "LH", "liver_high": "LHI", "liver_low": "LL", "spleen_healthy": "SH", "spleen_high": "SHI",
+    "spleen_low": "SL"}
 RATIC_SPLIT = (2500, 647)  # patients, paper §3.1
 
 
@@ -289,7 +292,7 @@ def build_datasets(args):
     in_memory = args.dataset == "synthetic" and not args.data_path
     if args.dataset == "synthetic":
         import synthetic
-        info.update(classes=synthetic.SYNTHETIC_CLASSES, pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
+        info.update(classes=tuple(synthetic.SYNTHETIC_CLASSES), pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
         if in_memory:
             sizes = args.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
             tables = {s: synthetic.synthetic_split(s, n) for s, n in zip(("train", "val", "test"), sizes)}
@@ -300,12 +303,12 @@ def build_datasets(args):
                           label_matrix([r for r in rows if r["split"] == s], info["classes"], path))
                       for s in ("train", "val", "test")}
     elif args.dataset == "ctrate":
-        info["classes"], tables = CTRATE_CLASSES, ctrate_tables(args.data_path)
+        info["classes"], tables = tuple(CTRATE_CLASSES), ctrate_tables(args.data_path)
     elif args.dataset == "radchest":
-        info["classes"], tables = RADCHEST_CLASSES, radchest_tables(args.data_path)
+        info["classes"], tables = tuple(RADCHEST_CLASSES), radchest_tables(args.data_path)
     else:
         os.makedirs(args.prep_dir, exist_ok=True)
-        info["classes"] = RATIC_COLUMNS
+        info["classes"] = tuple(RATIC_COLUMNS)
         tables = ratic_tables(args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed)
     if args.val_fraction and "val" not in tables:
         hold_out(tables, args.val_fraction)

@@ -215,12 +215,19 @@ def ensure_totalseg_config():
         os.replace(path.with_suffix(".tmp"), path)
 
 
-def process(case, kind, path, args, lut, totalseg_files):
-    hu, affine = read_case(kind, path, args.metadata)
+def preprocess_ct(hu, affine):
+    """HU volume -> (int16 CT resampled onto the RAS 1.5 x 1.5 x 3 mm grid and clipped to HU_RANGE, its affine)."""
     if not np.isfinite(hu).all():
         raise ValueError(f"{np.count_nonzero(~np.isfinite(hu))} non-finite voxels")
     out_shape, out_affine = target_grid(hu.shape, affine)
     ct = np.rint(np.clip(resample(hu, affine, out_shape, out_affine, 1, data.AIR_HU), *HU_RANGE)).astype(np.int16)
+    return ct, out_affine
+
+
+def process(case, kind, path, args, lut, totalseg_files):
+    hu, affine = read_case(kind, path, args.metadata)
+    ct, out_affine = preprocess_ct(hu, affine)
+    out_shape = ct.shape
     if args.from_totalseg:
         if case not in totalseg_files:
             raise ValueError(f"no TotalSegmentator file named {case}.nii[.gz] under {args.from_totalseg}")

@@ -19,8 +19,8 @@ import numpy as np
 from data import AIR_HU, REGIONS
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
-SYNTHETIC_CLASSES = ("nodule_right_upper_lobe", "nodule_left_lower_lobe", "cardiomegaly",
-                     "pleural_effusion", "emphysema")
+SYNTHETIC_CLASSES = {"nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL",
+                     "cardiomegaly": "CDM", "pleural_effusion": "PLE", "emphysema": "EMP"}
 
 
 def _ellipsoid(z, y, x, center, radii):

@@ -382,6 +382,8 @@ def main(args):
             if args.seg:  # did the auxiliary branch learn the anatomy? Dice of its argmax on the centre crops
                 write_json(os.path.join(args.output_dir, f"dice_{name}.json"), dice_summary(counts, info["structures"]))
     if args.rank == 0:
+        if "val" in eval_loaders:  # its thresholds are the ones to apply to new cases (evaluate.py --predict)
+            evaluate_predictions(os.path.join(args.output_dir, "predictions_val.csv"), quiet=True)
         evaluate_predictions(os.path.join(args.output_dir, "predictions_test.csv"))
     if args.distributed:
         dist.destroy_process_group()
