@@ -13,7 +13,9 @@ phantom dataset of synthetic.py, in memory or written to files.
 """
 import argparse
 import csv
+import mmap
 import os
+import warnings
 import zlib
 
 import nibabel as nib
@@ -65,15 +67,18 @@ def window_start(shape, pad_size, crop_size, rng=None):
 
 
 def read_window(volume, starts, size, fill):
-    """Copy volume[starts : starts + size] into a new array, filling what lies outside the volume."""
-    out = np.full(size, fill, dtype=volume.dtype)
+    """volume[starts : starts + size], filled where it leaves the volume. Inside the volume this is a view (of a
+    memory map, for stored volumes): the batch collation then makes the one copy of it."""
     src, dst = [], []
     for s, c, n in zip(starts, size, volume.shape):
         lo, hi = max(s, 0), min(s + c, n)
         if hi <= lo:
-            return out
+            return np.full(size, fill, dtype=volume.dtype)
         src.append(slice(lo, hi))
         dst.append(slice(lo - s, hi - s))
+    if all(d.start == 0 and d.stop == c for d, c in zip(dst, size)):
+        return volume[tuple(src)]
+    out = np.full(size, fill, dtype=volume.dtype)
     out[tuple(dst)] = volume[tuple(src)]
     return out
 
@@ -96,9 +101,25 @@ def nifti_layout(path):
     return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine()}
 
 
-def open_volume(path, layout):
-    """Memory map of the voxels as (D, H, W): NIfTI's x-fastest order is C order for (z, y, x)."""
-    return np.memmap(path, dtype=layout["dtype"], mode="r", offset=layout["offset"], shape=layout["shape"])
+class MappedVolume:
+    """A stored (D, H, W) volume (NIfTI's x-fastest order is C order for (z, y, x)). Indexing with slices maps
+    only the slices z0:z1 and fills their page tables in one call (MAP_POPULATE) instead of faulting page by page:
+    a window then costs about one copy out of the page cache."""
+
+    def __init__(self, path, layout):
+        self.path, self.offset, self.shape, self.dtype = path, layout["offset"], layout["shape"], layout["dtype"]
+
+    def __getitem__(self, index):  # (z, y, x) slices with step 1, as read_window makes them
+        z, y, x = index
+        plane = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        start = self.offset + z.start * plane
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), start - aligned + (z.stop - z.start) * plane, prot=mmap.PROT_READ,
+                               flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), offset=aligned)
+        count = (z.stop - z.start) * self.shape[1] * self.shape[2]
+        slab = np.frombuffer(mapped, self.dtype, count, start - aligned).reshape(-1, *self.shape[1:])
+        return slab[:, y, x]  # a read-only view of the page cache; the mapping lives as long as the view
 
 
 class CTDataset(torch.utils.data.Dataset):
@@ -121,15 +142,23 @@ class CTDataset(torch.utils.data.Dataset):
         ct, mask = self.volumes[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         starts = window_start(ct.shape, self.pad_size, self.crop_size, rng)
-        sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None],
-                  "label": torch.from_numpy(self.labels[index]), "index": index}
-        if self.with_mask:
-            sample["mask"] = torch.from_numpy(read_window(mask, starts, self.crop_size, 0))
-            if sample["mask"].max() > self.max_label:
-                where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
-                raise ValueError(f"{where}: mask label {int(sample['mask'].max())} is outside this region's "
-                                 f"scheme 0..{self.max_label} (made for another --region?)")
+        with warnings.catch_warnings():  # the windows are read-only views; collate() copies them into the batch
+            warnings.simplefilter("ignore", UserWarning)
+            sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None],
+                      "label": torch.from_numpy(self.labels[index]), "index": index}
+            if self.with_mask:
+                sample["mask"] = torch.from_numpy(read_window(mask, starts, self.crop_size, 0))
         return sample
+
+    def collate(self, samples):
+        """Stack the samples (the one copy of each window) and check the mask labels on the contiguous batch."""
+        batch = torch.utils.data.default_collate(samples)
+        if self.with_mask and batch["mask"].max() > self.max_label:
+            index = int(batch["index"][batch["mask"].flatten(1).amax(1).argmax()])
+            where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
+            raise ValueError(f"{where}: mask label {int(batch['mask'].max())} is outside this region's "
+                             f"scheme 0..{self.max_label} (made for another --region?)")
+        return batch
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -179,7 +208,7 @@ class StoredVolumes:
         return len(self.entries)
 
     def __getitem__(self, i):
-        volumes = [open_volume(path, layout) for path, layout in self.entries[i]]
+        volumes = [MappedVolume(path, layout) for path, layout in self.entries[i]]
         return volumes[0], volumes[1] if len(volumes) > 1 else None
 
     def mask_path(self, i):

@@ -7,7 +7,9 @@ Backbones are torchvision's video models with the "time" axis used for depth; in
   swin  Swin3D-T, patch embedding 16x2x2, 1 channel, embed dim 96             -> (B, 768, D/16, H/16, W/16)
 
 Classification = global average pooling of the lowest-resolution feature map + linear (eq. 1).
-Segmentation   = 1x1x1 conv on the same feature map + trilinear upsampling to the input size (eq. 3).
+Segmentation   = 1x1x1 conv on the same feature map + trilinear upsampling to the input size (eq. 3); the
+upsampling is split in two (in-plane, then along depth) so the loss can produce the full-resolution logits a
+few slices at a time (train.segmentation_loss).
 The segmentation head is built only with `seg_classes > 0` and only evaluated when asked for (training by
 default), so inference of a seg-trained model is exactly the plain classifier.
 
@@ -191,15 +193,33 @@ class CTClassifier(nn.Module):
         self.seg_head = nn.Conv3d(self.backbone.out_channels, seg_classes, 1) if seg_classes else None
 
     def forward(self, x, with_seg=None):
-        """x: (B, 1, D, H, W) -> logits (B, K), plus seg logits (B, S, D, H, W) when with_seg (default: training)."""
+        """x: (B, 1, D, H, W) -> logits (B, K), and with_seg (default: in training) also the segmentation logits at
+        the feature map's resolution (B, S, d, h, w); upsample_seg() takes them to the input size (eq. 3)."""
         features = self.backbone(x)  # (B, C, d, h, w)
         logits = self.head(features.mean(dim=(2, 3, 4)))
         if with_seg is None:
             with_seg = self.training and self.seg_head is not None
-        if not with_seg:
-            return logits
-        seg = F.interpolate(self.seg_head(features), size=x.shape[2:], mode="trilinear", align_corners=False)
-        return logits, seg
+        return (logits, self.seg_head(features)) if with_seg else logits
+
+
+def upsample_planar(seg, size):
+    """First half of eq. 3's trilinear upsampling: in-plane only, (B, S, d, h, w) -> (B, S, d, H, W)."""
+    return F.interpolate(seg, size=(seg.shape[2], *size[1:]), mode="trilinear", align_corners=False)
+
+
+def upsample_depth(planar, depth, start=0, stop=None):
+    """Second half: output slices start:stop of `depth`, each a linear blend of two input slices, with
+    F.interpolate's align_corners=False coordinates. Together: F.interpolate(seg, size, mode="trilinear")."""
+    d = planar.shape[2]
+    src = ((torch.arange(start, stop or depth, device=planar.device) + 0.5) * (d / depth) - 0.5).clamp(min=0)
+    lower = src.floor().long().clamp(max=d - 1)
+    weight = (src - lower).view(1, 1, -1, 1, 1).to(planar.dtype)
+    return planar[:, :, lower] * (1 - weight) + planar[:, :, (lower + 1).clamp(max=d - 1)] * weight
+
+
+def upsample_seg(seg, size):
+    """(B, S, d, h, w) -> (B, S, D, H, W), trilinear (eq. 3)."""
+    return upsample_depth(upsample_planar(seg, size), size[0])
 
 
 if __name__ == "__main__":

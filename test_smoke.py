@@ -14,6 +14,7 @@ import data
 import evaluate
 import synthetic
 import train
+import model
 from model import ARCHS, Backbone, CTClassifier, torchvision_model
 
 STEMS = {"r3d": "stem.0.", "mvit": "conv_proj.", "swin": "patch_embed.proj."}  # replaced: 1 input channel
@@ -57,10 +58,38 @@ def test_seg_head_only_when_asked():
     assert sum(p.numel() for p in seg.parameters()) == n_plain + 512 * 7 + 7
     x = torch.randn(2, 1, 32, 32, 32)
     logits, seg_logits = seg.train()(x)
-    assert logits.shape == (2, 3) and seg_logits.shape == (2, 7, 32, 32, 32)
+    assert logits.shape == (2, 3) and seg_logits.shape == (2, 7, 2, 2, 2)  # 1x1x1 conv on the last feature map
     seg.eval()
     assert isinstance(seg(x), torch.Tensor)  # inference is the plain classifier
-    assert seg(x, with_seg=True)[1].shape == (2, 7, 32, 32, 32)
+    assert seg(x, with_seg=True)[1].shape == (2, 7, 2, 2, 2)
+
+
+@pytest.mark.parametrize("size", [(32, 48, 40), (96, 192, 192), (7, 5, 9)])
+def test_two_step_upsampling_is_trilinear(size):
+    seg = torch.randn(2, 3, 2, 3, 4, dtype=torch.float64)
+    reference = torch.nn.functional.interpolate(seg, size=size, mode="trilinear", align_corners=False)
+    # PyTorch computes the coordinate scale in single precision: agreement to ~1e-7, not to float64 rounding
+    torch.testing.assert_close(model.upsample_seg(seg, size), reference, rtol=0, atol=1e-6)
+    planar = model.upsample_planar(seg, size)
+    torch.testing.assert_close(model.upsample_depth(planar, size[0], 3, 6), reference[:, :, 3:6], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ce", "dice", "dice_ce"])
+def test_chunked_segmentation_loss_equals_the_one_shot_loss(kind):
+    torch.manual_seed(0)
+    seg = torch.randn(2, 7, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (2, 32, 48, 48))
+    full = torch.nn.functional.interpolate(seg, size=(32, 48, 48), mode="trilinear", align_corners=False)
+    reference = torch.nn.functional.cross_entropy(full, target) if kind != "dice" else 0
+    if kind != "ce":
+        probs, onehot = full.softmax(1), torch.nn.functional.one_hot(target, 7).permute(0, 4, 1, 2, 3).double()
+        dice = (2 * (probs * onehot).sum((0, 2, 3, 4)) + 1e-5) / ((probs + onehot).sum((0, 2, 3, 4)) + 1e-5)
+        reference = reference + 1 - dice[1:].mean()
+    (expected,) = torch.autograd.grad(reference, seg)
+    loss = train.segmentation_loss(seg, target, kind, chunk=5)
+    (got,) = torch.autograd.grad(loss, seg)
+    torch.testing.assert_close(loss.double(), reference)
+    torch.testing.assert_close(got, expected)
 
 
 def test_window_and_padding_known_answers():
@@ -122,7 +151,7 @@ def test_fixed_batch_overfits():
     torch.manual_seed(0)
     cases, volumes, labels = synthetic.synthetic_split("train", 4)
     ds = data.CTDataset(cases, volumes, labels, (40, 60, 60), (32, 48, 48), train=False, with_mask=True)
-    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    batch = ds.collate([ds[i] for i in range(4)])
     model = CTClassifier("r3d", labels.shape[1], (32, 48, 48), seg_classes=7).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     x = data.normalize(batch["ct"], (-1000, 200))

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 from evaluate import compute_metrics, dice_counts, dice_summary, evaluate_predictions, write_json, write_predictions
 from model import (ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, load_pretrained, num_outputs, probabilities,
-                   ratic_probabilities)
+                   ratic_probabilities, upsample_depth, upsample_planar, upsample_seg)
 
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
              ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
@@ -119,14 +120,28 @@ def classification_loss(logits, labels, info):
     return cls1 / len(RATIC_INJURY_WEIGHTS) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
 
 
-def segmentation_loss(seg_logits, target, kind):
-    """seg_logits (B, S, D, H, W) at input resolution, target (B, D, H, W) class indices."""
-    loss = F.cross_entropy(seg_logits, target) if kind in ("ce", "dice_ce") else seg_logits.new_zeros(())
+def segmentation_terms(planar, target, start, depth, num_labels):
+    """Sums over output slices start:start + n: CE, and per label intersection, predicted and true mass."""
+    logits = upsample_depth(planar, depth, start, start + target.shape[1])  # (B, S, n, H, W)
+    probs = logits.softmax(1)
+    onehot = F.one_hot(target, num_labels).permute(0, 4, 1, 2, 3).to(probs.dtype)
+    ce = F.cross_entropy(logits, target, reduction="sum")
+    return torch.cat([ce[None], (probs * onehot).sum((0, 2, 3, 4)), probs.sum((0, 2, 3, 4)), onehot.sum((0, 2, 3, 4))])
+
+
+def segmentation_loss(seg, target, kind, chunk=8):
+    """Eq. 3 + CE (or Dice, Dice + CE) at the input resolution. seg: (B, S, d, h, w) logits of the 1x1x1 conv,
+    target: (B, D, H, W) labels. The full-resolution logits are made `chunk` slices at a time and remade in the
+    backward pass (checkpointing): same loss and gradients as F.interpolate + F.cross_entropy, without keeping a
+    (B, S, D, H, W) tensor and its softmax in memory."""
+    depth, num_labels = target.shape[1], seg.shape[1]
+    planar = upsample_planar(seg.float(), target.shape[1:])  # (B, S, d, H, W): d / D of the full size
+    sums = sum(torch.utils.checkpoint.checkpoint(segmentation_terms, planar, target[:, z:z + chunk], z, depth,
+                                                 num_labels, use_reentrant=False) for z in range(0, depth, chunk))
+    loss = sums[0] / target.numel() if kind in ("ce", "dice_ce") else sums.new_zeros(())
     if kind in ("dice", "dice_ce"):  # soft Dice over the batch, foreground structures only
-        probs = seg_logits.softmax(1)
-        onehot = F.one_hot(target, seg_logits.shape[1]).permute(0, 4, 1, 2, 3).to(probs.dtype)
-        intersection, total = (probs * onehot).sum((0, 2, 3, 4)), (probs + onehot).sum((0, 2, 3, 4))
-        loss = loss + 1 - ((2 * intersection + 1e-5) / (total + 1e-5))[1:].mean()
+        intersection, predicted, true = sums[1:].view(3, num_labels)
+        loss = loss + 1 - ((2 * intersection + 1e-5) / (predicted + true + 1e-5))[1:].mean()
     return loss
 
 
@@ -145,8 +160,8 @@ def train_one_epoch(model, optimizer, scaler, loader, device, epoch, args, info,
         labels = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
             if args.seg:
-                logits, seg_logits = model(ct)
-                seg_loss = segmentation_loss(seg_logits.float(), batch["mask"].to(device).long(), args.seg_loss)
+                logits, seg = model(ct)
+                seg_loss = segmentation_loss(seg, batch["mask"].to(device).long(), args.seg_loss)
             else:
                 logits, seg_loss = model(ct), torch.zeros((), device=device)
             cls_loss = classification_loss(logits.float(), labels, info)
@@ -205,11 +220,12 @@ def evaluate(model, loader, device, args, info, with_dice=False):
     for batch in loader:
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), info["window"])
         with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp):
-            logits, seg_logits = model(ct, with_seg=True) if with_dice else (model(ct), None)
+            logits, seg = model(ct, with_seg=True) if with_dice else (model(ct), None)
         probs.append(probabilities(logits.float(), info["task"], info["classes"]).cpu())
         indices.append(batch["index"])
         if with_dice:
-            dice.append(dice_counts(seg_logits.argmax(1), batch["mask"].to(device), seg_logits.shape[1]).cpu())
+            labels = upsample_seg(seg.float(), ct.shape[2:]).argmax(1)
+            dice.append(dice_counts(labels, batch["mask"].to(device), seg.shape[1]).cpu())
     local = [torch.cat(indices).numpy(), torch.cat(probs).numpy(), torch.cat(dice).numpy() if with_dice else None]
     parts = [local]
     if args.distributed:
@@ -256,6 +272,7 @@ def make_loader(dataset, args, train):
     else:  # every case exactly once: no padding duplicates in the metrics
         sampler = list(range(args.rank, len(dataset), args.world_size))
     return torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=train,
+                                       collate_fn=dataset.collate,
                                        num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                        persistent_workers=args.workers > 0)
 

@@ -1,0 +1,19 @@
+"""The benchmark script runs (its numbers are printed, not asserted: timings do not belong in tests)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench  # noqa: E402
+
+
+def test_bench_data_path_runs(capsys):
+    ratios = bench.bench_data_path(repeats=2, n_cases=2)
+    assert set(ratios) == {"ours_over_copy", "ours_over_memcpy", "naive_over_ours"}
+    assert "ours / memcpy" in capsys.readouterr().out
+
+
+def test_bench_gpu_code_path_runs_on_cpu(capsys):
+    bench.bench_gpu(steps=1, device="cpu", archs=["r3d"], tiny=True)
+    bench.bench_data_wait("cpu", steps=2, workers=0, tiny=True)
+    out = capsys.readouterr().out
+    assert "seg / plain: step time" in out and "data wait" in out
