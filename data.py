@@ -50,6 +50,10 @@ RATIC_COLUMNS = {  # evaluated columns, paper Table 9 order; the model has 11 ou
 RATIC_SPLIT = (2500, 647)  # patients, paper §3.1
 
 
+class BadInput(ValueError):
+    """Data that cannot be used as it is; the message names the file or column."""
+
+
 def normalize(ct, window):
     """Clip HU to the window and min-max scale to [-1, 1]; runs on whatever device `ct` is on."""
     lo, hi = window
@@ -85,19 +89,19 @@ def read_window(volume, starts, size, fill):
 
 def nifti_layout(path):
     """Where the voxels of an uncompressed NIfTI written by make_masks.py lie: {shape (D, H, W), dtype, offset,
-    affine}. Raises ValueError for anything a memory map could not read correctly (compressed, scaled, torn)."""
+    affine}. Raises BadInput for anything a memory map could not read correctly (compressed, scaled, torn)."""
     path = str(path)
     if not path.endswith(".nii"):
-        raise ValueError(f"{path}: expected an uncompressed .nii written by make_masks.py")
+        raise BadInput(f"{path}: expected an uncompressed .nii written by make_masks.py")
     with open(path, "rb") as f:
         header = nib.Nifti1Header.from_fileobj(f)
     shape = header.get_data_shape()
     slope, inter = header.get_slope_inter()
     if len(shape) != 3 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
-        raise ValueError(f"{path}: expected an unscaled 3D volume, got shape {shape}, scaling {slope}, {inter}")
+        raise BadInput(f"{path}: expected an unscaled 3D volume, got shape {shape}, scaling {slope}, {inter}")
     dtype, offset = header.get_data_dtype(), int(header["vox_offset"])
     if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f"{path}: file is shorter than its header says (truncated copy?)")
+        raise BadInput(f"{path}: file is shorter than its header says (truncated copy?)")
     return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine()}
 
 
@@ -156,7 +160,7 @@ class CTDataset(torch.utils.data.Dataset):
         if self.with_mask and batch["mask"].max() > self.max_label:
             index = int(batch["index"][batch["mask"].flatten(1).amax(1).argmax()])
             where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
-            raise ValueError(f"{where}: mask label {int(batch['mask'].max())} is outside this region's "
+            raise BadInput(f"{where}: mask label {int(batch['mask'].max())} is outside this region's "
                              f"scheme 0..{self.max_label} (made for another --region?)")
         return batch
 
@@ -192,11 +196,12 @@ class StoredVolumes:
                 self.missing.append(absent[0])
                 continue
             layouts = [nifti_layout(p) for p in paths]
-            if layouts[0]["dtype"] != np.int16 or (with_mask and layouts[1]["dtype"] != np.uint8):
-                raise ValueError(f"{paths}: expected int16 CT and uint8 mask from make_masks.py")
+            for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
+                if layout["dtype"] != dtype:
+                    raise BadInput(f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py output)")
             if with_mask and (layouts[0]["shape"] != layouts[1]["shape"]
                               or not np.allclose(layouts[0]["affine"], layouts[1]["affine"], atol=1e-3)):
-                raise ValueError(f"{paths[1]}: grid {layouts[1]['shape']} does not match its CT {paths[0]} "
+                raise BadInput(f"{paths[1]}: grid {layouts[1]['shape']} does not match its CT {paths[0]} "
                                  f"{layouts[0]['shape']} (shape or affine)")
             self.entries.append(list(zip(paths, layouts)))
             self.kept.append(position)
@@ -223,7 +228,7 @@ def read_csv(path, columns):
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}")
+            raise BadInput(f"{path}: missing column(s) {missing}")
         return list(reader)
 
 
@@ -231,7 +236,7 @@ def label_matrix(rows, columns, path):
     try:
         return np.array([[float(r[c]) for c in columns] for r in rows], np.float32).reshape(len(rows), len(columns))
     except ValueError as error:
-        raise ValueError(f"{path}: non-numeric label ({error})") from None
+        raise BadInput(f"{path}: non-numeric label ({error})") from None
 
 
 def find_file(root, name, max_depth=4):
@@ -268,7 +273,7 @@ def radchest_tables(root):
         groups = [[c for c in header if c.split("*")[0] == name] for name in RADCHEST_CLASSES]
         absent = [name for name, cols in zip(RADCHEST_CLASSES, groups) if not cols]
         if absent:
-            raise ValueError(f"{path}: no '<abnormality>*<location>' column for {absent}")
+            raise BadInput(f"{path}: no '<abnormality>*<location>' column for {absent}")
         values = [label_matrix(rows, cols, path).max(1) for cols in groups]
         ids = [r["NoteAcc_DEID"] for r in rows]
         tables[split] = (ids, np.stack(values, 1).reshape(len(ids), -1), ids)
@@ -286,7 +291,7 @@ def ratic_tables(root, split_file, seed=0):
     if os.path.exists(split_file):
         split_of = {r["patient_id"]: r["split"] for r in read_csv(split_file, ["patient_id", "split"])}
         if set(split_of) != set(patients):
-            raise ValueError(f"{split_file}: its patients differ from {label_path}; delete it to draw a new split")
+            raise BadInput(f"{split_file}: its patients differ from {label_path}; delete it to draw a new split")
     else:
         order = np.random.default_rng(seed).permutation(sorted(patients))
         n_test = round(len(order) * RATIC_SPLIT[1] / sum(RATIC_SPLIT))
@@ -296,7 +301,7 @@ def ratic_tables(root, split_file, seed=0):
         os.replace(split_file + ".tmp", split_file)
     unknown = [s["patient_id"] for s in series if s["patient_id"] not in patients]
     if unknown:
-        raise ValueError(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
+        raise BadInput(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
     tables = {}
     for split in ("train", "test"):
         chosen = [s for s in series if split_of[s["patient_id"]] == split]
@@ -354,7 +359,7 @@ def build_datasets(args):
                 print(f"{split}: skipped {len(volumes.missing)} case(s) without preprocessed files: "
                       + ", ".join(volumes.missing))
         if not cases:
-            raise ValueError(f"the {split} split of {args.dataset} is empty"
+            raise BadInput(f"the {split} split of {args.dataset} is empty"
                              + (f" (labels from {args.data_path}, volumes from {args.prep_dir})" if args.data_path else ""))
         splits[split] = CTDataset(cases, volumes, labels, info["pad"], info["crop"], train=split == "train",
                                   seed=args.seed, with_mask=args.seg, max_label=len(info["structures"]))

@@ -66,6 +66,9 @@ def read_nifti(path, metadata):
         return hu, img.affine
     # CT-RATE originals: blank header, stored values; rebuild HU and geometry from the DICOM tags
     hu = hu * float(row["RescaleSlope"]) + float(row["RescaleIntercept"])
+    if hu.min() < -2000:  # the *_fixed files are HU already: rescaling them twice is a known pitfall
+        raise ValueError(f"rescaling by the metadata gives {hu.min():.0f} HU: already HU (a *_fixed file)? "
+                         "drop --metadata for these")
     row_cos, col_cos = np.split(np.array(ast.literal_eval(row["ImageOrientationPatient"]), float), 2)
     spacing = [*ast.literal_eval(row["XYSpacing"]), float(row["ZSpacing"])]
     affine = np.eye(4)
@@ -86,8 +89,8 @@ def read_npz(path):
 def read_dicom_series(folder):
     import pydicom
     slices = []
-    for f in sorted(os.listdir(folder)):
-        ds = pydicom.dcmread(os.path.join(folder, f))
+    for f in sorted(Path(folder).iterdir()):
+        ds = pydicom.dcmread(f) if f.is_file() and is_dicom(f) else {}
         if "PixelData" in ds:
             slices.append(ds)
     if len({ds.SeriesInstanceUID for ds in slices}) != 1:

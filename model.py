@@ -182,6 +182,34 @@ def probabilities(logits, task, classes):
     return torch.stack([probs[c] for c in classes], 1)
 
 
+# RATIC losses (eq. 5): weighted means with the paper's sample weights; healthy samples weigh 1.
+RATIC_INJURY_WEIGHTS = {"bowel": 2.0, "extravasation": 6.0}
+RATIC_GRADE_WEIGHTS = (1.0, 2.0, 4.0)  # healthy, low, high
+RATIC_ANY_WEIGHT, RATIC_ANY_LAMBDA = 6.0, 0.1  # any_injury: weight 6, loss scaled by 0.1 (its gradients are large)
+
+
+def weighted_mean(losses, weights):
+    return (losses * weights).sum() / weights.sum()
+
+
+def ratic_loss(logits, labels, classes):
+    """L_cls1 (weighted BCE, mean over bowel and extravasation) + L_cls2 (weighted CE, mean over the organs)
+    + 0.1 * weighted BCE of p_any_injury; labels are the RATIC columns named by `classes`."""
+    y = {name: labels[:, i] for i, name in enumerate(classes)}
+    cls1 = sum(weighted_mean(F.binary_cross_entropy_with_logits(logits[:, k], y[f"{name}_injury"], reduction="none"),
+                             1 + (RATIC_INJURY_WEIGHTS[name] - 1) * y[f"{name}_injury"]) for k, name in enumerate(RATIC_BINARY))
+    cls2 = 0
+    grade_weights = logits.new_tensor(RATIC_GRADE_WEIGHTS)
+    for k, organ in enumerate(RATIC_ORGANS):
+        target = torch.stack([y[f"{organ}_{g}"] for g in ("healthy", "low", "high")], 1).argmax(1)
+        ce = F.cross_entropy(logits[:, 2 + 3 * k: 5 + 3 * k], target, reduction="none")
+        cls2 = cls2 + weighted_mean(ce, grade_weights[target])
+    p_any = ratic_probabilities(logits)["any_injury"].clamp(1e-6, 1 - 1e-6)  # eq. 2
+    any_loss = weighted_mean(F.binary_cross_entropy(p_any, y["any_injury"], reduction="none"),
+                             1 + (RATIC_ANY_WEIGHT - 1) * y["any_injury"])
+    return cls1 / len(RATIC_BINARY) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
+
+
 class CTClassifier(nn.Module):
     def __init__(self, arch, num_outputs, input_size, seg_classes=0):
         super().__init__()

@@ -12,12 +12,14 @@ AdamW (weight decay 1e-4), cosine learning rate per iteration, gradient-norm cli
 Table 4 learning rate / batch size / epochs for the dataset x model unless given. The run folder gets
 iterations.csv (loss, cls_loss, seg_loss, grad-norm before clipping, lr per step), epochs.csv (validation
 metrics), checkpoint.pth (latest) and checkpoint_best.pth (best validation macro AUC), written atomically,
-predictions_{val,test}.csv and metrics_test.{csv,json}. Rerun with `--resume` after a crash.
+predictions_{val,test}.csv, metrics_{val,test}.{csv,json} and, with --seg, dice_{val,test}.json. After a
+crash, rerun the same command with `--resume`: on CPU it ends exactly where an uninterrupted run would.
 """
 import argparse
 import csv
 import math
 import os
+import re
 import sys
 import time
 
@@ -29,8 +31,8 @@ import torch.utils.checkpoint
 
 import data
 from evaluate import compute_metrics, dice_counts, dice_summary, evaluate_predictions, write_json, write_predictions
-from model import (ARCHS, RATIC_BINARY, RATIC_ORGANS, CTClassifier, load_pretrained, num_outputs, probabilities,
-                   ratic_probabilities, upsample_depth, upsample_planar, upsample_seg)
+from model import (ARCHS, CTClassifier, load_pretrained, num_outputs, probabilities, ratic_loss, upsample_depth,
+                   upsample_planar, upsample_seg)
 
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
              ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
@@ -92,41 +94,22 @@ def step_seed(seed, rank, iteration):
     return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
 
 
-# RATIC (eq. 5): weighted means with the paper's sample weights; healthy samples weigh 1.
-RATIC_INJURY_WEIGHTS = {"bowel": 2.0, "extravasation": 6.0}
-RATIC_GRADE_WEIGHTS = (1.0, 2.0, 4.0)  # healthy, low, high
-RATIC_ANY_WEIGHT, RATIC_ANY_LAMBDA = 6.0, 0.1  # any_injury: weight 6, loss scaled by 0.1 (its gradients are large)
-
-
-def weighted_mean(losses, weights):
-    return (losses * weights).sum() / weights.sum()
-
-
 def classification_loss(logits, labels, info):
-    if info["task"] != "ratic":
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    y = {name: labels[:, i] for i, name in enumerate(info["classes"])}
-    cls1 = sum(weighted_mean(F.binary_cross_entropy_with_logits(logits[:, k], y[f"{name}_injury"], reduction="none"),
-                             1 + (RATIC_INJURY_WEIGHTS[name] - 1) * y[f"{name}_injury"]) for k, name in enumerate(RATIC_BINARY))
-    cls2 = 0
-    grade_weights = logits.new_tensor(RATIC_GRADE_WEIGHTS)
-    for k, organ in enumerate(RATIC_ORGANS):
-        target = torch.stack([y[f"{organ}_{g}"] for g in ("healthy", "low", "high")], 1).argmax(1)
-        ce = F.cross_entropy(logits[:, 2 + 3 * k: 5 + 3 * k], target, reduction="none")
-        cls2 = cls2 + weighted_mean(ce, grade_weights[target])
-    p_any = ratic_probabilities(logits)["any_injury"].clamp(1e-6, 1 - 1e-6)  # eq. 2
-    any_loss = weighted_mean(F.binary_cross_entropy(p_any, y["any_injury"], reduction="none"),
-                             1 + (RATIC_ANY_WEIGHT - 1) * y["any_injury"])
-    return cls1 / len(RATIC_INJURY_WEIGHTS) + cls2 / len(RATIC_ORGANS) + RATIC_ANY_LAMBDA * any_loss
+    """Eq. 4's L_cls: BCE-with-logits over the findings; for RATIC eq. 5's L_cls1 + L_cls2 + 0.1 L_any_injury."""
+    if info["task"] == "ratic":
+        return ratic_loss(logits, labels, info["classes"])
+    return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-def segmentation_terms(planar, target, start, depth, num_labels):
-    """Sums over output slices start:start + n: CE, and per label intersection, predicted and true mass."""
+def segmentation_terms(planar, target, start, depth, num_labels, dice):
+    """Sums over output slices start:start + n: CE, and (for Dice) per label intersection, predicted and true mass."""
     logits = upsample_depth(planar, depth, start, start + target.shape[1])  # (B, S, n, H, W)
+    ce = F.cross_entropy(logits, target, reduction="sum")[None]
+    if not dice:
+        return ce
     probs = logits.softmax(1)
     onehot = F.one_hot(target, num_labels).permute(0, 4, 1, 2, 3).to(probs.dtype)
-    ce = F.cross_entropy(logits, target, reduction="sum")
-    return torch.cat([ce[None], (probs * onehot).sum((0, 2, 3, 4)), probs.sum((0, 2, 3, 4)), onehot.sum((0, 2, 3, 4))])
+    return torch.cat([ce, (probs * onehot).sum((0, 2, 3, 4)), probs.sum((0, 2, 3, 4)), onehot.sum((0, 2, 3, 4))])
 
 
 def segmentation_loss(seg, target, kind, chunk=8):
@@ -136,10 +119,11 @@ def segmentation_loss(seg, target, kind, chunk=8):
     (B, S, D, H, W) tensor and its softmax in memory."""
     depth, num_labels = target.shape[1], seg.shape[1]
     planar = upsample_planar(seg.float(), target.shape[1:])  # (B, S, d, H, W): d / D of the full size
+    dice = kind in ("dice", "dice_ce")
     sums = sum(torch.utils.checkpoint.checkpoint(segmentation_terms, planar, target[:, z:z + chunk], z, depth,
-                                                 num_labels, use_reentrant=False) for z in range(0, depth, chunk))
+                                                 num_labels, dice, use_reentrant=False) for z in range(0, depth, chunk))
     loss = sums[0] / target.numel() if kind in ("ce", "dice_ce") else sums.new_zeros(())
-    if kind in ("dice", "dice_ce"):  # soft Dice over the batch, foreground structures only
+    if dice:  # soft Dice over the batch, foreground structures only
         intersection, predicted, true = sums[1:].view(3, num_labels)
         loss = loss + 1 - ((2 * intersection + 1e-5) / (predicted + true + 1e-5))[1:].mean()
     return loss
@@ -314,14 +298,13 @@ def main(args):
         args.prep_dir = os.path.join(args.data_path, "prep")
     try:
         splits, info = data.build_datasets(args)
-    except (OSError, ValueError) as error:
+    except (OSError, data.BadInput) as error:
         sys.exit(f"cannot build the {args.dataset} dataset: {error}")
     notes = set_defaults(args, info)
     args.info = info  # with the checkpoint's args, enough to rebuild the model and its preprocessing
     os.makedirs(args.output_dir, exist_ok=True)
     if args.rank == 0:
         write_json(os.path.join(args.output_dir, "config.json"), {k: v for k, v in vars(args).items() if k != "amp_dtype"})
-    if args.rank == 0:
         print(f"{args.dataset} / {args.model} / {'with' if args.seg else 'without'} segmentation supervision -> "
               f"{args.output_dir}\n  " + "\n  ".join(notes) + f"\n  crop {info['crop']} (D, H, W), HU window "
               f"{info['window']}, {len(info['classes'])} classes, cases: "
@@ -410,5 +393,6 @@ if __name__ == "__main__":
     args = get_args_parser().parse_args()
     try:
         main(args)
-    except NonFiniteLoss as error:
-        sys.exit(f"stopped: {error}")
+    except (NonFiniteLoss, data.BadInput) as error:  # from a DataLoader worker, the message ends the traceback
+        last_line = str(error).strip().splitlines()[-1]
+        sys.exit("stopped: " + re.sub(r"^[\w.]*(BadInput|NonFiniteLoss): ", "", last_line))

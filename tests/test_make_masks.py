@@ -162,6 +162,10 @@ def test_ctrate_original_files_with_metadata(example_case):
     run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
     for a, b in zip(stored(example_case / "out", "example"), stored(example_case / "out_raw", "train_1_a_1")):
         np.testing.assert_allclose(a, b, atol=1e-4)
+    shutil.copy(EXAMPLE / "example_ct_sm.nii.gz", example_case / "raw" / "train_1_a_1.nii.gz")  # HU already
+    with pytest.raises(SystemExit, match="already HU"):
+        run(example_case / "raw", example_case / "out_fixed", "abdomen", "--from-totalseg", str(example_case / "ts"),
+            "--metadata", str(example_case / "train_metadata.csv"))
 
 
 def test_ctrate_case_missing_from_its_segmentation_folder_is_reported(example_case):
