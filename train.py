@@ -210,6 +210,9 @@ def evaluate(model, loader, device, args, info, with_dice=False):
         if with_dice:
             labels = upsample_seg(seg.float(), ct.shape[2:]).argmax(1)
             dice.append(dice_counts(labels, batch["mask"].to(device), seg.shape[1]).cpu())
+    if not indices:  # more processes than cases: this one had nothing to evaluate
+        indices, probs = [torch.zeros(0, dtype=torch.long)], [torch.zeros(0, len(info["classes"]))]
+        dice = [torch.zeros(0, len(info["structures"]), 3, dtype=torch.long)]
     local = [torch.cat(indices).numpy(), torch.cat(probs).numpy(), torch.cat(dice).numpy() if with_dice else None]
     parts = [local]
     if args.distributed:
