@@ -7,30 +7,34 @@ ignored), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Ma
 make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size.
 
     python synthetic.py                          # synthetic_preview.png: a few slices and masks
-    python synthetic.py --write synth/           # synth/ct, synth/totalseg (TotalSegmentator ids), synth/labels.csv
+    python synthetic.py --write synth/    # synth/ct, synth/totalseg (TotalSegmentator ids), synth/labels.csv
 """
+
 import argparse
-import csv
 import os
 
 import nibabel as nib
 import numpy as np
 
+import utils
 from data import AIR_HU, REGIONS
+from labels import SYNTHETIC_CLASSES
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
-SYNTHETIC_CLASSES = {"nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL",
-                     "cardiomegaly": "CDM", "pleural_effusion": "PLE", "emphysema": "EMP"}
 
 
 def _ellipsoid(z, y, x, center, radii):
-    return ((z - center[0]) / radii[0]) ** 2 + ((y - center[1]) / radii[1]) ** 2 + ((x - center[2]) / radii[2]) ** 2
+    return (
+        ((z - center[0]) / radii[0]) ** 2
+        + ((y - center[1]) / radii[1]) ** 2
+        + ((x - center[2]) / radii[2]) ** 2
+    )
 
 
 def _sphere_at(rng, candidates, shape, radius):
     """Boolean ball of `radius` voxels around a random voxel drawn from the flat indices `candidates`."""
     cz, cy, cx = np.unravel_index(rng.choice(candidates), shape)
-    z, y, x = np.ogrid[:shape[0], :shape[1], :shape[2]]
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
     return _ellipsoid(z, y, x, (cz, cy, cx), (radius,) * 3) <= 1
 
 
@@ -53,11 +57,11 @@ def make_phantom(rng, shape=(40, 60, 60)):
     body = np.broadcast_to(body, shape)
     ct[body <= 1] = -100  # subcutaneous fat
     ct[body <= 0.8] = 35  # soft tissue
-    ct[np.broadcast_to((y + 15 * u) ** 2 + x ** 2 <= (4 * u) ** 2, shape)] = 400  # spine
+    ct[np.broadcast_to((y + 15 * u) ** 2 + x**2 <= (4 * u) ** 2, shape)] = 400  # spine
 
     lung_hu = -880 if labels[4] else -850
     scale = rng.uniform(0.9, 1.1)
-    for side, first_label in ((-1, 1), (1, 3)):  # left lung: lobes 1-2; right lung: lobes 3-5
+    for side in (-1, 1):  # left lung: lobes 1-2; right lung: lobes 3-5
         center, radii = (0.55 * d, -u, side * 12 * u), (0.42 * d * scale, 13 * u * scale, 9 * u * scale)
         lung = _ellipsoid(z, y, x, center, radii) <= 1
         vz, vy = (z - center[0]) / radii[0], (y - center[1]) / radii[1]  # -1..1; +vy anterior
@@ -70,8 +74,16 @@ def make_phantom(rng, shape=(40, 60, 60)):
             mask[lung & ~lower & ~middle], mask[lung & middle], mask[lung & lower] = 3, 4, 5
 
     heart_scale = rng.normal(1.0, 0.05) * (1.3 if labels[2] else 1.0)
-    heart = _ellipsoid(z, y, x, (0.3 * d, 6 * u, -3 * u), (0.2 * d * heart_scale, 9 * u * heart_scale,
-                                                           10 * u * heart_scale)) <= 1
+    heart = (
+        _ellipsoid(
+            z,
+            y,
+            x,
+            (0.3 * d, 6 * u, -3 * u),
+            (0.2 * d * heart_scale, 9 * u * heart_scale, 10 * u * heart_scale),
+        )
+        <= 1
+    )
     ct[heart], mask[heart] = 40, 6
 
     lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
@@ -116,6 +128,7 @@ def write_synthetic(out_dir, sizes=None):
     """Phantoms as a real dataset would come: <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm),
     <out>/totalseg/<case>.nii.gz (TotalSegmentator 'total' ids) and <out>/labels.csv."""
     from totalsegmentator.map_to_binary import class_map
+
     ts_ids = {name: i for i, name in class_map["total"].items()}
     to_totalseg = np.zeros(256, np.uint8)
     for label, name in enumerate(REGIONS["chest"]["structures"], start=1):
@@ -128,15 +141,16 @@ def write_synthetic(out_dir, sizes=None):
         cases, volumes, labels = synthetic_split(split, n)
         for case, (ct, mask), label in zip(cases, volumes, labels):
             for sub, array in (("ct", ct), ("totalseg", to_totalseg[mask])):  # (D, H, W) -> NIfTI's (x, y, z)
-                nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine),
-                         os.path.join(out_dir, sub, f"{case}.nii.gz"))
+                with utils.atomic_path(os.path.join(out_dir, sub, f"{case}.nii.gz")) as tmp:
+                    nib.save(nib.Nifti1Image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine), tmp)
             rows.append([case, split, *(int(v) for v in label)])
-    with open(os.path.join(out_dir, "labels.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([["case_id", "split", *SYNTHETIC_CLASSES], *rows])
+    utils.write_csv(os.path.join(out_dir, "labels.csv"), ["case_id", "split", *SYNTHETIC_CLASSES], rows)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write the synthetic phantoms as NIfTI files, or preview them.")
+    parser = argparse.ArgumentParser(
+        description="Write the synthetic phantoms as NIfTI files, or preview them."
+    )
     parser.add_argument("--write", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
     parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
     cli = parser.parse_args()
@@ -145,13 +159,17 @@ if __name__ == "__main__":
         print(f"wrote {cli.write}/ct, totalseg and labels.csv")
     else:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         cases, volumes, labels = synthetic_split("train", 4)
         fig, axes = plt.subplots(2, 4, figsize=(12, 6))
         for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
             axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
-            axes[0, k].set_title(", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7)
+            axes[0, k].set_title(
+                ", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7
+            )
             axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
         fig.savefig("synthetic_preview.png", dpi=80)
         print("wrote synthetic_preview.png (axial CT slices, sagittal masks)")

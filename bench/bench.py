@@ -1,17 +1,21 @@
-"""Speed and memory of the data path and of the segmentation branch, as ratios measured side by side in one run.
+"""Speed and memory of the data path and of the segmentation branch, as ratios measured side by side in one
+run.
 
-    python bench/bench.py                 # CPU: per-sample data path, seg step-time and inference ratios
-    python bench/bench.py --gpu           # GPU: samples/s and peak memory at the paper's sizes, data-wait fraction
+    python bench/bench.py          # CPU: per-sample data path, seg step-time and inference ratios
+    python bench/bench.py --gpu    # GPU: samples/s and peak memory at the paper's sizes, data-wait fraction
 
 Every number is a median over repeats, and measurements that are compared are interleaved, so that a noisy
 machine shifts both sides alike.
 """
+
 import argparse
+import mmap
 import os
 import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 
 import nibabel as nib
 import numpy as np
@@ -21,12 +25,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import make_masks  # noqa: E402
 import train  # noqa: E402
-from model import ARCHS, CTClassifier  # noqa: E402
+from model import ARCHS, CTClassifier, compute_loss  # noqa: E402
 
 
-def timed(fn, *args):
+def timed(fn):
     start = time.perf_counter()
-    fn(*args)
+    fn()
     return time.perf_counter() - start
 
 
@@ -53,10 +57,44 @@ def write_case(folder, shape_dhw=(120, 240, 240), seed=0, case="case"):
     nib.save(nib.Nifti1Image(ct, affine), os.path.join(folder, f"{case}.nii.gz"))
 
 
+class SlabMap:
+    """The previous reader (before np.memmap): per window, map only its slices with MAP_POPULATE."""
+
+    def __init__(self, path, layout):
+        self.path, self.offset = path, layout["offset"]
+        self.shape, self.dtype = layout["shape"], layout["dtype"]
+
+    def __getitem__(self, index):
+        z, y, x = index
+        plane = self.shape[1] * self.shape[2] * self.dtype.itemsize
+        start = self.offset + z.start * plane
+        aligned = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            length = start - aligned + (z.stop - z.start) * plane
+            mapped = mmap.mmap(f.fileno(), length, prot=mmap.PROT_READ, flags=flags, offset=aligned)
+        count = (z.stop - z.start) * self.shape[1] * self.shape[2]
+        slab = np.frombuffer(mapped, self.dtype, count, start - aligned).reshape(-1, *self.shape[1:])
+        return slab[:, y, x]
+
+
+class SlabVolumes:
+    def __init__(self, stored):
+        self.stored = stored
+
+    def __len__(self):
+        return len(self.stored)
+
+    def __getitem__(self, i):
+        ct, mask = (SlabMap(path, layout) for path, layout in self.stored.entries[i])
+        return ct, mask
+
+
 def bench_data_path(repeats, n_cases=8):
-    """Per training sample: our window read (CT + mask, through a memory map of the stored files) vs copying the
-    same windows out of the same volumes held in RAM (the copy itself; "memcpy of the crop"), a contiguous memcpy
-    of the same number of bytes, and CT-CLIP's path. Every side cycles through `n_cases` different volumes."""
+    """Per training sample: our window read (CT + mask, np.memmap of the stored files, maps kept open),
+    the same with every map opened anew (a dataset much larger than the open-map cache), the previous slab
+    reader, copying the same windows out of volumes held in RAM, a contiguous memcpy of as many bytes, and
+    CT-CLIP's path. Every side cycles through `n_cases` different volumes."""
     region = data.REGIONS["chest"]
     pad, crop = region["pad"], region["crop"]
     with tempfile.TemporaryDirectory() as folder:
@@ -64,16 +102,23 @@ def bench_data_path(repeats, n_cases=8):
         for i, case in enumerate(cases):
             write_case(folder, case=case, seed=i)
         volumes = data.StoredVolumes(folder, cases, with_mask=True)
-        dataset = data.CTDataset(cases, volumes, np.zeros((n_cases, 18)), pad, crop, train=True, with_mask=True)
-        in_ram = [(np.array(ct[tuple(slice(0, n) for n in ct.shape)]), np.array(mask[tuple(slice(0, n) for n in mask.shape)]))
-                  for ct, mask in (volumes[i] for i in range(n_cases))]
-        flat = [(np.ones(int(np.prod(crop)), np.int16), np.ones(int(np.prod(crop)), np.uint8)) for _ in range(n_cases)]
-        n_bytes = int(np.prod(crop)) * 3
-        keys = iter(range(10 ** 6))
+        labels = np.zeros((n_cases, 18))
+        dataset = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True)
+        slab = data.CTDataset(cases, SlabVolumes(volumes), labels, pad, crop, train=True, with_mask=True)
+        in_ram = [tuple(np.array(v) for v in volumes[i]) for i in range(n_cases)]
+        size = int(np.prod(crop))
+        flat = [(np.ones(size, np.int16), np.ones(size, np.uint8)) for _ in range(n_cases)]
+        keys = iter(range(10**6))
 
-        def ours():  # what a DataLoader worker does per training sample: its windows of CT and mask, into a batch
-            batch = dataset.collate([dataset[next(keys)]])
+        def ours(
+            ds=dataset,
+        ):  # what a DataLoader worker does per training sample: CT and mask windows, batched
+            batch = ds.collate([ds[next(keys)]])
             assert batch["ct"].shape == (1, 1, *crop) and batch["mask"].shape == (1, *crop)
+
+        def reopened():
+            volumes.maps.clear()
+            ours()
 
         def window_copy():  # the same random windows, copied out of volumes that are already in RAM
             key = next(keys)
@@ -89,25 +134,33 @@ def bench_data_path(repeats, n_cases=8):
         def naive():  # CT-CLIP style: decompress the whole volume, crop, float
             volume = nib.load(os.path.join(folder, f"{cases[next(keys) % n_cases]}.nii.gz")).get_fdata()
             starts = data.window_start(volume.shape, pad[::-1], crop[::-1])
-            np.ascontiguousarray(volume[tuple(slice(s, s + c) for s, c in zip(starts, crop[::-1]))], dtype=np.float32)
+            window = tuple(slice(s, s + c) for s, c in zip(starts, crop[::-1]))
+            np.ascontiguousarray(volume[window], np.float32)
 
-        t_ours, t_copy, t_memcpy = interleaved([ours, window_copy, memcpy], repeats, warmup=n_cases)
+        sides = [ours, reopened, lambda: ours(slab), window_copy, memcpy]
+        t_ours, t_reopened, t_slab, t_copy, t_memcpy = interleaved(sides, repeats, warmup=n_cases)
         (t_naive,) = interleaved([naive], max(3, repeats // 10), warmup=1)
-    print(f"data path, {crop} windows of {n_cases} different {pad} int16 volumes + uint8 masks ({n_bytes / 1e6:.1f} MB), medians:")
-    print(f"  ours: memory-mapped window of the stored CT and mask   {1e3 * t_ours:7.2f} ms")
-    print(f"  copy of the same windows out of volumes in RAM         {1e3 * t_copy:7.2f} ms   ours / copy   = {t_ours / t_copy:.2f}")
-    print(f"  contiguous memcpy of as many bytes                     {1e3 * t_memcpy:7.2f} ms   ours / memcpy = {t_ours / t_memcpy:.2f}")
-    print(f"  naive: nib.load(.nii.gz).get_fdata(), crop, float      {1e3 * t_naive:7.2f} ms   naive / ours  = {t_naive / t_ours:.0f}")
-    return {"ours_over_copy": t_ours / t_copy, "ours_over_memcpy": t_ours / t_memcpy, "naive_over_ours": t_naive / t_ours}
+    mb = int(np.prod(crop)) * 3 / 1e6
+    print(
+        f"data path, {crop} windows of {n_cases} different {pad} int16 volumes + uint8 masks ({mb:.1f} MB):"
+    )
+    lines = [("ours: np.memmap of the stored CT and mask, kept open", t_ours, None),
+             ("ours, every map opened anew", t_reopened, "reopened / ours"),
+             ("previous reader: slices mapped per window (MAP_POPULATE)", t_slab, "previous / ours"),
+             ("copy of the same windows out of volumes in RAM", t_copy, "ours / copy"),
+             ("contiguous memcpy of as many bytes", t_memcpy, "ours / memcpy")]  # fmt: skip
+    for text, t, ratio_name in lines:
+        ratio = t_ours / t if ratio_name and ratio_name.startswith("ours") else t / t_ours
+        print(f"  {text:<58}{1e3 * t:7.2f} ms" + (f"   {ratio_name} = {ratio:.2f}" if ratio_name else ""))
+    print(f"  {'naive: nib.load(.nii.gz).get_fdata(), crop, float':<58}{1e3 * t_naive:7.2f} ms   "
+          f"naive / ours = {t_naive / t_ours:.0f}")  # fmt: skip
+    return {"ours_over_copy": t_ours / t_copy, "ours_over_memcpy": t_ours / t_memcpy,
+            "previous_over_ours": t_slab / t_ours, "reopened_over_ours": t_reopened / t_ours,
+            "naive_over_ours": t_naive / t_ours}  # fmt: skip
 
 
-def train_step(model, optimizer, x, labels, mask, seg):
-    info = {"task": "multilabel"}
-    if seg:
-        logits, seg_logits = model(x)
-        loss = train.classification_loss(logits, labels, info) + train.segmentation_loss(seg_logits, mask, "ce")
-    else:
-        loss = train.classification_loss(model(x), labels, info)
+def train_step(model, optimizer, x, labels, mask):
+    loss, _, _ = compute_loss(model, x, labels, "multilabel", mask)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
     optimizer.step()
@@ -117,106 +170,125 @@ def train_step(model, optimizer, x, labels, mask, seg):
 def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
     print(f"segmentation branch on CPU, crop {crop}, batch {batch}, medians of {repeats} interleaved steps:")
     x, labels = torch.randn(batch, 1, *crop), torch.randint(0, 2, (batch, 18)).float()
-    mask = torch.randint(0, 7, (batch, *crop))
+    mask = torch.randint(0, 7, (batch, *crop), dtype=torch.uint8)
     results = {}
     for arch in ARCHS:
         torch.manual_seed(0)
         plain = CTClassifier(arch, 18, crop).train()
         seg = CTClassifier(arch, 18, crop, seg_classes=7).train()
         seg.load_state_dict(plain.state_dict(), strict=False)  # same backbone and head weights
-        opt_plain, opt_seg = (torch.optim.AdamW(m.parameters(), 1e-5) for m in (plain, seg))
-        t_plain, t_seg = interleaved([lambda: train_step(plain, opt_plain, x, labels, mask, False),
-                                      lambda: train_step(seg, opt_seg, x, labels, mask, True)], repeats)
+        chunked = CTClassifier(arch, 18, crop, seg_classes=7, seg_chunk=8).train()
+        chunked.load_state_dict(seg.state_dict())
+        optimizers = [torch.optim.AdamW(m.parameters(), 1e-5) for m in (plain, seg, chunked)]
+        steps = [
+            partial(train_step, m, o, x, labels, mask if m.seg_head is not None else None)
+            for m, o in zip((plain, seg, chunked), optimizers)
+        ]
+        t_plain, t_seg, t_chunked = interleaved(steps, repeats)
         plain.eval(), seg.eval()
         with torch.no_grad():
-            i_plain, i_seg = interleaved([lambda: plain(x), lambda: seg(x)], repeats)
-        results[arch] = {"train_step_ratio": t_seg / t_plain, "inference_ratio": i_seg / i_plain}
-        print(f"  {arch:5s} train step w/ seg {t_seg:.3f} s / w/o {t_plain:.3f} s = {t_seg / t_plain:.3f}   "
-              f"inference of the seg-trained model / plain = {i_seg / i_plain:.3f}")
+            i_plain, i_seg = interleaved([partial(plain, x), partial(seg, x)], repeats)
+        results[arch] = {"train_step_ratio": t_seg / t_plain, "chunked_ratio": t_chunked / t_plain,
+                         "inference_ratio": i_seg / i_plain}  # fmt: skip
+        print(
+            f"  {arch:5s} train step w/ seg / w/o = {t_seg:.3f} s / {t_plain:.3f} s = {t_seg / t_plain:.3f}"
+            f", with --seg-chunk 8: {t_chunked / t_plain:.3f}; inference seg-trained / plain "
+            f"{i_seg / i_plain:.3f}"
+        )
     return results
 
 
-def bench_gpu(steps, device, archs, tiny=False):
+def bench_gpu(steps, device, archs, tiny=False, chunk=0):
     """Samples/s and peak memory per model w/ and w/o seg at Table 4 batch sizes, chest crop, bf16."""
     crop = (32, 48, 48) if tiny else data.REGIONS["chest"]["crop"]
-    print(f"{device}: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, crop {crop}, bf16 autocast")
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{device}: {name}, torch {torch.__version__}, crop {crop}, bf16 autocast")
     print(f"  {'model':6s} {'batch':>5s} {'seg':>4s} {'samples/s':>10s} {'peak GiB':>9s}")
     for arch in archs:
         batch = 2 if tiny else train.TABLE4_BATCH[("chest", arch)]
         rows = {}
         for seg in (False, True):
             torch.manual_seed(0)
-            model = CTClassifier(arch, 18, crop, seg_classes=7 if seg else 0).to(device).train()
+            model = CTClassifier(arch, 18, crop, seg_classes=7 if seg else 0, seg_chunk=chunk)
+            model = model.to(device).train()
             optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
             ct = torch.randint(-1000, 1000, (batch, 1, *crop), dtype=torch.int16, device=device)
             labels = torch.randint(0, 2, (batch, 18), device=device).float()
-            mask = torch.randint(0, 7, (batch, *crop), device=device)
+            mask = torch.randint(0, 7, (batch, *crop), dtype=torch.uint8, device=device) if seg else None
             if device == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             times = []
-            for step in range(steps + 2):
+            for _ in range(steps + 2):
                 start = time.perf_counter()
                 with torch.autocast(device, dtype=torch.bfloat16):
-                    train_step(model, optimizer, data.normalize(ct, (-1000, 200)), labels, mask, seg)
+                    train_step(model, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else float("nan")
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
             rows[seg] = (batch / statistics.median(times[2:]), peak)
             print(f"  {arch:6s} {batch:5d} {'w/' if seg else 'w/o':>4s} {rows[seg][0]:10.2f} {peak:9.2f}")
             del model, optimizer
         print(f"  {arch:6s} seg / plain: step time {rows[False][0] / rows[True][0]:.3f}, "
-              f"peak memory {rows[True][1] / rows[False][1]:.3f}")
+              f"peak memory {rows[True][1] / rows[False][1]:.3f}")  # fmt: skip
 
 
 def bench_data_wait(device, steps, workers, tiny=False):
     """Fraction of a training step spent waiting for the next batch, real DataLoader over stored volumes."""
     region = data.REGIONS["chest"]
-    crop = (32, 48, 48) if tiny else region["crop"]
+    crop, pad = ((32, 48, 48), (40, 60, 60)) if tiny else (region["crop"], region["pad"])
     batch = 2 if tiny else train.TABLE4_BATCH[("chest", "r3d")]
     with tempfile.TemporaryDirectory() as folder:
         cases = [f"case{i}" for i in range(8)]
-        write_case(folder, (40, 60, 60) if tiny else (120, 240, 240))
+        write_case(folder, pad)
         for case in cases:
             for sub in ("ct", "mask"):
                 os.link(os.path.join(folder, sub, "case.nii"), os.path.join(folder, sub, f"{case}.nii"))
-        dataset = data.CTDataset(cases, data.StoredVolumes(folder, cases, True), np.zeros((8, 18)),
-                                 region["pad"] if not tiny else (40, 60, 60), crop, train=True, with_mask=True)
+        volumes = data.StoredVolumes(folder, cases, True)
+        dataset = data.CTDataset(cases, volumes, np.zeros((8, 18)), pad, crop, train=True, with_mask=True)
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (steps + 2))
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
-                                             pin_memory=device == "cuda", persistent_workers=workers > 0)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=device == "cuda",
+            persistent_workers=workers > 0,
+        )
         model = CTClassifier("r3d", 18, crop, seg_classes=7).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
         wait = total = 0.0
         start = time.perf_counter()
         for step, sample in enumerate(loader):
             got = time.perf_counter()
-            ct = sample["ct"].to(device, non_blocking=True)
+            ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
             with torch.autocast(device, dtype=torch.bfloat16):
-                train_step(model, optimizer, data.normalize(ct, region["window"]), sample["label"].to(device).float(),
-                           sample["mask"].to(device).long(), True)
+                labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
+                train_step(model, optimizer, ct, labels, mask)
             if device == "cuda":
                 torch.cuda.synchronize()
             if step >= 2:
                 wait, total = wait + got - start, total + time.perf_counter() - start
             start = time.perf_counter()
-    print(f"  data wait: {100 * wait / total:.1f}% of step time (r3d w/ seg, batch {batch}, {workers} workers)")
+    share = 100 * wait / total
+    print(f"  data wait: {share:.1f}% of step time (r3d w/ seg, batch {batch}, {workers} workers)")
     return wait / total
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--gpu", action="store_true", help="the GPU benchmark at the paper's sizes")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small sizes (checks the GPU code path on a CPU)")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--seg-chunk", type=int, default=0, help="--gpu: the seg loss N slices at a time")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
     if args.gpu:
-        bench_gpu(args.repeats, args.device, ARCHS, args.tiny)
+        bench_gpu(args.repeats, args.device, ARCHS, args.tiny, args.seg_chunk)
         bench_data_wait(args.device, args.repeats, args.workers, args.tiny)
         return
     bench_data_path(args.repeats)

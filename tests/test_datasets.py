@@ -3,6 +3,7 @@
 Each fixture uses the real file and column names; volumes are small phantoms stored as each dataset
 stores them (LPS NIfTI, RAD-ChestCT .npz, DICOM series), with TotalSegmentator-style multilabel files.
 """
+
 import csv
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import labels
 import make_masks
 import model
 import synthetic
@@ -20,13 +21,42 @@ import train
 
 TS_IDS = {1: 10, 2: 11, 3: 12, 4: 13, 5: 14, 6: 51}  # chest label -> TotalSegmentator 'total' id
 CTCLIP_ORDER = [  # the order of the columns in the distributed CSV (not the report order)
-    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
-    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
-    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion", "Mosaic attenuation pattern",
-    "Peribronchial thickening", "Consolidation", "Bronchiectasis", "Interlobular septal thickening"]
-RATIC_TRAIN_CSV = ["patient_id", "bowel_healthy", "bowel_injury", "extravasation_healthy", "extravasation_injury",
-                   "kidney_healthy", "kidney_low", "kidney_high", "liver_healthy", "liver_low", "liver_high",
-                   "spleen_healthy", "spleen_low", "spleen_high", "any_injury"]
+    "Medical material",
+    "Arterial wall calcification",
+    "Cardiomegaly",
+    "Pericardial effusion",
+    "Coronary artery wall calcification",
+    "Hiatal hernia",
+    "Lymphadenopathy",
+    "Emphysema",
+    "Atelectasis",
+    "Lung nodule",
+    "Lung opacity",
+    "Pulmonary fibrotic sequela",
+    "Pleural effusion",
+    "Mosaic attenuation pattern",
+    "Peribronchial thickening",
+    "Consolidation",
+    "Bronchiectasis",
+    "Interlobular septal thickening",
+]
+RATIC_TRAIN_CSV = [
+    "patient_id",
+    "bowel_healthy",
+    "bowel_injury",
+    "extravasation_healthy",
+    "extravasation_injury",
+    "kidney_healthy",
+    "kidney_low",
+    "kidney_high",
+    "liver_healthy",
+    "liver_low",
+    "liver_high",
+    "spleen_healthy",
+    "spleen_low",
+    "spleen_high",
+    "any_injury",
+]
 
 
 def phantom(i, split="train"):
@@ -45,14 +75,18 @@ def write_csv(path, header, rows):
 
 
 def run_make_masks(src, dst, region, ts):
-    make_masks.main(make_masks.get_args_parser().parse_args(
-        ["--src", str(src), "--dst", str(dst), "--region", region, "--from-totalseg", str(ts)]))
+    make_masks.main(
+        make_masks.get_args_parser().parse_args(
+            ["--src", str(src), "--dst", str(dst), "--region", region, "--from-totalseg", str(ts)]
+        )
+    )
 
 
 def run_train(dataset, root, out, *extra):
+    short = "--seg --epochs 1 --max-steps 2 -b 2 -j 0 --crop 32 48 48".split()
     args = train.get_args_parser().parse_args(
-        ["--dataset", dataset, "--data-path", str(root), "--seg", "--epochs", "1", "--max-steps", "2", "-b", "2",
-         "-j", "0", "--crop", "32", "48", "48", "--output-dir", str(out), *extra])
+        ["--dataset", dataset, "--data-path", str(root), *short, "--output-dir", str(out), *extra]
+    )
     train.main(args)
     with open(out / "predictions_test.csv") as f:
         return list(csv.DictReader(f))
@@ -64,8 +98,10 @@ def ctrate(tmp_path):
     ts_seg/ts_total mirror of it, and multi_abnormality_labels."""
     root = tmp_path / "CT-RATE"
     lps = np.diag([-1.5, -1.5, 3.0, 1.0])
-    volumes = {"train": ["train_1_a_1", "train_1_a_2", "train_2_a_1", "train_3_b_1", "train_4_a_1"],
-               "valid": ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]}
+    volumes = {
+        "train": ["train_1_a_1", "train_1_a_2", "train_2_a_1", "train_3_b_1", "train_4_a_1"],
+        "valid": ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"],
+    }
     rng = np.random.default_rng(0)
     for split, names in volumes.items():
         rows = []
@@ -74,44 +110,58 @@ def ctrate(tmp_path):
             folder = Path(split + "_fixed") / "_".join(name.split("_")[:2]) / "_".join(name.split("_")[:3])
             for sub, array in (("dataset", ct), ("dataset/ts_seg/ts_total", ts)):
                 (root / sub / folder).mkdir(parents=True, exist_ok=True)
-                nib.save(nib.Nifti1Image(array[::-1, ::-1].copy(), lps), root / sub / folder / f"{name}.nii.gz")
+                nib.save(
+                    nib.Nifti1Image(array[::-1, ::-1].copy(), lps), root / sub / folder / f"{name}.nii.gz"
+                )
             rows.append([f"{name}.nii.gz", *rng.integers(0, 2, len(CTCLIP_ORDER))])
         rows[0][1:] = [0] * len(CTCLIP_ORDER)
         rows[1][1:] = [1] * len(CTCLIP_ORDER)  # both values in every column
-        write_csv(root / "dataset" / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
-                  ["VolumeName", *CTCLIP_ORDER], rows)
+        write_csv(
+            root / "dataset" / "multi_abnormality_labels" / f"{split}_predicted_labels.csv",
+            ["VolumeName", *CTCLIP_ORDER],
+            rows,
+        )
     for split in volumes:
-        run_make_masks(root / "dataset" / f"{split}_fixed", root / "prep", "chest",
-                       root / "dataset" / "ts_seg" / "ts_total" / f"{split}_fixed")
+        run_make_masks(
+            root / "dataset" / f"{split}_fixed",
+            root / "prep",
+            "chest",
+            root / "dataset" / "ts_seg" / "ts_total" / f"{split}_fixed",
+        )
     return root
 
 
 def test_ctrate_trains_and_reports_in_table7_order(ctrate, tmp_path):
     rows = run_train("ctrate", ctrate, tmp_path / "run")
     assert [r["case_id"] for r in rows] == ["valid_1_a_1", "valid_2_a_1", "valid_3_a_1"]
-    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(data.CTRATE_CLASSES)
+    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(labels.CTRATE_CLASSES)
     with open(ctrate / "dataset" / "multi_abnormality_labels" / "valid_predicted_labels.csv") as f:
         truth = list(csv.DictReader(f))
     for row, expected in zip(rows, truth):  # labels follow the column names, not their position
-        assert all(float(row[f"true:{c}"]) == float(expected[c]) for c in data.CTRATE_CLASSES)
+        assert all(float(row[f"true:{c}"]) == float(expected[c]) for c in labels.CTRATE_CLASSES)
     metrics = (tmp_path / "run" / "metrics_test.csv").read_text()
     assert "Arterial wall calcification" in metrics.splitlines()[1]
 
 
 def test_ctrate_bad_inputs_name_the_file_or_column(ctrate, tmp_path):
-    labels = ctrate / "dataset" / "multi_abnormality_labels" / "train_predicted_labels.csv"
-    text = labels.read_text()
-    labels.write_text(text.replace("Lung nodule", "Lung nodules"))
-    with pytest.raises(SystemExit, match=r"train_predicted_labels.csv: missing column\(s\) \['Lung nodule'\]"):
+    label_file = ctrate / "dataset" / "multi_abnormality_labels" / "train_predicted_labels.csv"
+    text = label_file.read_text()
+    label_file.write_text(text.replace("Lung nodule", "Lung nodules"))
+    with pytest.raises(
+        SystemExit, match=r"train_predicted_labels.csv: missing column\(s\) \['Lung nodule'\]"
+    ):
         run_train("ctrate", ctrate, tmp_path / "a")
-    labels.write_text(text)
+    label_file.write_text(text)
     (ctrate / "prep" / "mask" / "train_2_a_1.nii").unlink()  # a volume with no mask under --seg
     with pytest.raises(SystemExit, match=r"prep/mask/train_2_a_1.nii"):
         run_train("ctrate", ctrate, tmp_path / "b")
     rows = run_train("ctrate", ctrate, tmp_path / "c", "--skip-missing")  # a counted, listed skip instead
     assert len(rows) == 3
     mask = nib.load(ctrate / "prep" / "mask" / "train_1_a_1.nii")  # a mask on another grid than its CT
-    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj)[:-1].copy(), mask.affine), ctrate / "prep" / "mask" / "train_1_a_1.nii")
+    nib.save(
+        nib.Nifti1Image(np.asarray(mask.dataobj)[:-1].copy(), mask.affine),
+        ctrate / "prep" / "mask" / "train_1_a_1.nii",
+    )
     with pytest.raises(SystemExit, match=r"mask/train_1_a_1.nii: grid .* does not match its CT"):
         run_train("ctrate", ctrate, tmp_path / "d", "--skip-missing")
     (ctrate / "prep" / "mask" / "train_1_a_1.nii").unlink()
@@ -122,32 +172,46 @@ def test_ctrate_bad_inputs_name_the_file_or_column(ctrate, tmp_path):
 
 
 def test_ctrate_holdout_validation_is_by_patient(ctrate):
-    tables = data.ctrate_tables(ctrate)
-    data.hold_out(tables, 0.5)
+    tables = labels.ctrate_tables(ctrate)
+    labels.hold_out(tables, 0.5)
     train_patients, val_patients = set(tables["train"][2]), set(tables["val"][2])
     assert train_patients and val_patients and not train_patients & val_patients
     assert sorted(tables["train"][0] + tables["val"][0]) == sorted(
-        ["train_1_a_1", "train_1_a_2", "train_2_a_1", "train_3_b_1", "train_4_a_1"])
+        ["train_1_a_1", "train_1_a_2", "train_2_a_1", "train_3_b_1", "train_4_a_1"]
+    )
 
 
 @pytest.fixture
 def radchest(tmp_path):
-    """<NoteAcc_DEID>.npz volumes (key 'ct', superior->inferior, anterior->posterior, right->left) and the three
+    """<NoteAcc_DEID>.npz volumes (key 'ct', superior->inferior, anterior->posterior, right->left), the three
     img{train,valid,test}_Abnormality_and_Location_Labels.csv with '<abnormality>*<location>' columns."""
     root, ts_dir = tmp_path / "RAD-ChestCT", tmp_path / "rad_totalseg"
     (root / "volumes").mkdir(parents=True)
     ts_dir.mkdir()
-    columns = [f"{a}*{loc}" for a in (*data.RADCHEST_CLASSES, "nodulegr1cm", "mass") for loc in ("left_upper", "right_lower")]
-    splits = {"train": ["trn00001", "trn00002", "trn00003", "trn00004"], "valid": ["val00001", "val00002"],
-              "test": ["tst00001", "tst00002", "tst00003"]}
+    columns = [
+        f"{a}*{loc}"
+        for a in (*labels.RADCHEST_CLASSES, "nodulegr1cm", "mass")
+        for loc in ("left_upper", "right_lower")
+    ]
+    splits = {
+        "train": ["trn00001", "trn00002", "trn00003", "trn00004"],
+        "valid": ["val00001", "val00002"],
+        "test": ["tst00001", "tst00002", "tst00003"],
+    }
     rng = np.random.default_rng(1)
     for split, ids in splits.items():
         rows = []
         for i, case in enumerate(ids):
             ct, ts = phantom(i, split)
-            np.savez_compressed(root / "volumes" / f"{case}.npz", ct=np.ascontiguousarray(ct[::-1, ::-1, ::-1].transpose(2, 1, 0)))
+            np.savez_compressed(
+                root / "volumes" / f"{case}.npz",
+                ct=np.ascontiguousarray(ct[::-1, ::-1, ::-1].transpose(2, 1, 0)),
+            )
             _, affine = make_masks.read_npz(root / "volumes" / f"{case}.npz")
-            nib.save(nib.Nifti1Image(ts[::-1, ::-1, ::-1].transpose(2, 1, 0).copy(), affine), ts_dir / f"{case}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(ts[::-1, ::-1, ::-1].transpose(2, 1, 0).copy(), affine),
+                ts_dir / f"{case}.nii.gz",
+            )
             rows.append([case, *rng.integers(0, 2, len(columns))])
         rows[0][1:] = [0] * len(columns)
         rows[1][1:] = [1] * len(columns)
@@ -166,9 +230,9 @@ def test_radchest_classes_match_abnormality_names_exactly(radchest):
     row[header.index("nodulegr1cm*left_upper")] = "1"  # must not count as 'nodule'
     row[header.index("calcification*right_lower")] = "1"
     write_csv(path, header, rows[1:])
-    tables = data.radchest_tables(radchest)
-    labels = dict(zip(data.RADCHEST_CLASSES, tables["test"][1][2]))
-    assert labels["nodule"] == 0 and labels["calcification"] == 1 and sum(labels.values()) == 1
+    tables = labels.radchest_tables(radchest)
+    values = dict(zip(labels.RADCHEST_CLASSES, tables["test"][1][2]))
+    assert values["nodule"] == 0 and values["calcification"] == 1 and sum(values.values()) == 1
     assert sorted(tables) == ["test", "train"] and len(tables["train"][0]) == 6  # train + valid for training
     assert tables["test"][0] == ["tst00001", "tst00002", "tst00003"]
 
@@ -176,15 +240,17 @@ def test_radchest_classes_match_abnormality_names_exactly(radchest):
 def test_radchest_trains_and_keeps_lobes_on_their_side(radchest, tmp_path):
     rows = run_train("radchest", radchest, tmp_path / "run")
     assert [r["case_id"] for r in rows] == ["tst00001", "tst00002", "tst00003"]
-    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(data.RADCHEST_CLASSES)
+    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(labels.RADCHEST_CLASSES)
     mask = np.asarray(nib.load(radchest / "prep" / "mask" / "trn00001.nii").dataobj)  # RAS (x, y, z)
     assert np.argwhere(mask == 1)[:, 0].mean() < np.argwhere(mask == 3)[:, 0].mean()  # left lung at low x
 
 
 def write_dicom_series(folder, volume, position, signed_12_bit):
-    """One slice file per z of an (x, y, z) HU volume: axial, LPS, 1.5 mm pixels, 3 mm apart; names out of order."""
+    """One slice file per z of an (x, y, z) HU volume: axial, LPS, 1.5 mm pixels, 3 mm apart; file names out
+    of order."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+
     folder.mkdir(parents=True)
     series = generate_uid()
     for k in range(volume.shape[2]):
@@ -198,7 +264,12 @@ def write_dicom_series(folder, volume, position, signed_12_bit):
         ds.ImagePositionPatient = [position[0], position[1], position[2] + 3.0 * k]
         ds.PixelSpacing, ds.SliceThickness = [1.5, 1.5], 3.0
         ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated, ds.HighBit = 1, "MONOCHROME2", 16, 11
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated, ds.HighBit = (
+            1,
+            "MONOCHROME2",
+            16,
+            11,
+        )
         pixels = volume[::-1, ::-1, k].T  # LPS rows/columns of a RAS (x, y, z) volume
         if signed_12_bit:  # RescaleIntercept 0 and negative values in 12-bit two's complement
             ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept = 12, 1, 0
@@ -223,46 +294,64 @@ def ratic(tmp_path):
         patient = str(10000 + 37 * p)
         organs = {o: rng.integers(0, 3) for o in ("kidney", "liver", "spleen")}
         bowel, extravasation = rng.integers(0, 2), rng.integers(0, 2)
-        row = {"patient_id": patient, "bowel_healthy": 1 - bowel, "bowel_injury": bowel,
-               "extravasation_healthy": 1 - extravasation, "extravasation_injury": extravasation,
-               **{f"{o}_{g}": int(organs[o] == i) for o in organs for i, g in enumerate(("healthy", "low", "high"))}}
+        row = {
+            "patient_id": patient,
+            "bowel_healthy": 1 - bowel,
+            "bowel_injury": bowel,
+            "extravasation_healthy": 1 - extravasation,
+            "extravasation_injury": extravasation,
+            **{
+                f"{o}_{g}": int(organs[o] == i)
+                for o in organs
+                for i, g in enumerate(("healthy", "low", "high"))
+            },
+        }
         row["any_injury"] = int(bowel or extravasation or any(organs.values()))
         label_rows.append([row[c] for c in RATIC_TRAIN_CSV])
         for s in range(1 + p % 2):
             series = str(200 + 11 * p + s)
             ct, ts = phantom(p, "ratic")
-            write_dicom_series(root / "train_images" / patient / series, ct, (-30.0, -30.0, -100.0), signed_12_bit=s == 0)
+            write_dicom_series(
+                root / "train_images" / patient / series, ct, (-30.0, -30.0, -100.0), signed_12_bit=s == 0
+            )
             hu, affine = make_masks.read_dicom_series(root / "train_images" / patient / series)
             np.testing.assert_array_equal(hu, ct[::-1, ::-1])
-            nib.save(nib.Nifti1Image(np.ascontiguousarray(ts[::-1, ::-1]), affine), root / "ts" / f"{patient}_{series}.nii.gz")
+            nib.save(
+                nib.Nifti1Image(np.ascontiguousarray(ts[::-1, ::-1]), affine),
+                root / "ts" / f"{patient}_{series}.nii.gz",
+            )
             series_rows.append([patient, series, 150.0, 0])
     write_csv(root / "train.csv", RATIC_TRAIN_CSV, label_rows)
-    write_csv(root / "train_series_meta.csv", ["patient_id", "series_id", "aortic_hu", "incomplete_organ"], series_rows)
+    write_csv(
+        root / "train_series_meta.csv",
+        ["patient_id", "series_id", "aortic_hu", "incomplete_organ"],
+        series_rows,
+    )
     run_make_masks(root / "train_images", root / "prep", "abdomen", root / "ts")
     return root
 
 
 def test_ratic_split_is_by_patient_saved_and_reused(ratic, tmp_path):
     split_file = str(tmp_path / "split.csv")
-    tables = data.ratic_tables(ratic, split_file, seed=0)
+    tables = labels.ratic_tables(ratic, split_file, seed=0)
     train_patients, test_patients = set(tables["train"][2]), set(tables["test"][2])
     assert not train_patients & test_patients and len(train_patients | test_patients) == 10
     assert len(test_patients) == round(10 * 647 / 3147)  # 2,500 / 647 scaled to the patients present
     assert all(c.split("_")[0] == p for c, p in zip(tables["test"][0], tables["test"][2]))
-    again = data.ratic_tables(ratic, split_file, seed=123)  # the saved split wins over a new seed
+    again = labels.ratic_tables(ratic, split_file, seed=123)  # the saved split wins over a new seed
     assert again["test"][0] == tables["test"][0]
     with open(ratic / "train.csv") as f:
-        labels = {r["patient_id"]: r for r in csv.DictReader(f)}
+        rows = {r["patient_id"]: r for r in csv.DictReader(f)}
     for case, row in zip(tables["train"][0], tables["train"][1]):
-        expected = labels[case.split("_")[0]]
-        assert all(float(expected[c]) == v for c, v in zip(data.RATIC_COLUMNS, row))
+        expected = rows[case.split("_")[0]]
+        assert all(float(expected[c]) == v for c, v in zip(labels.RATIC_COLUMNS, row))
 
 
 def test_ratic_trains_with_its_heads(ratic, tmp_path):
     rows = run_train("ratic", ratic, tmp_path / "run")
-    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(data.RATIC_COLUMNS)
+    assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(labels.RATIC_COLUMNS)
     for r in rows:
-        p = {c: float(r[f"prob:{c}"]) for c in data.RATIC_COLUMNS}
+        p = {c: float(r[f"prob:{c}"]) for c in labels.RATIC_COLUMNS}
         assert math.isclose(p["bowel_healthy"] + p["bowel_injury"], 1, abs_tol=1e-5)
         assert math.isclose(p["kidney_healthy"] + p["kidney_low"] + p["kidney_high"], 1, abs_tol=1e-5)
     assert (ratic / "prep" / "ratic_split.csv").exists()
@@ -274,22 +363,25 @@ def test_any_injury_is_one_minus_product_of_healthy():
     probs = model.ratic_probabilities(logits)
     x = logits.double().numpy()
     sig = 1 / (1 + np.exp(-x[:, :2]))
-    soft = [np.exp(x[:, 2 + 3 * k:5 + 3 * k]) / np.exp(x[:, 2 + 3 * k:5 + 3 * k]).sum(1, keepdims=True) for k in range(3)]
+    soft = [
+        np.exp(x[:, 2 + 3 * k : 5 + 3 * k]) / np.exp(x[:, 2 + 3 * k : 5 + 3 * k]).sum(1, keepdims=True)
+        for k in range(3)
+    ]
     healthy = (1 - sig[:, 0]) * (1 - sig[:, 1]) * soft[0][:, 0] * soft[1][:, 0] * soft[2][:, 0]
     np.testing.assert_allclose(probs["any_injury"].numpy(), 1 - healthy, rtol=1e-5)
     np.testing.assert_allclose(probs["liver_high"].numpy(), soft[1][:, 2], rtol=1e-5)
 
 
-def test_ratic_loss_uses_the_paper_sample_weights():
-    info = {"task": "ratic", "classes": data.RATIC_COLUMNS}
+def test_ratic_loss_uses_the_paper_sample_weights(monkeypatch):
     logits = torch.tensor([[0.5, -1.0, 1.0, 0.0, -1.0, 0.2, 0.1, 0.3, -0.5, 0.5, 0.0],
-                           [-2.0, 0.3, 0.0, 1.0, 0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 2.0]])
+                           [-2.0, 0.3, 0.0, 1.0, 0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 2.0]])  # fmt: skip
     # case 0: bowel injury, extravasation, kidney high, liver healthy, spleen low; case 1: all healthy
-    columns = {"bowel_injury": [1, 0], "extravasation_injury": [1, 0], "kidney_high": [1, 0], "kidney_healthy": [0, 1],
-               "liver_healthy": [1, 1], "spleen_low": [1, 0], "spleen_healthy": [0, 1], "any_injury": [1, 0]}
-    labels = torch.tensor([[columns.get(c, [0, 0])[i] for c in data.RATIC_COLUMNS] for i in range(2)], dtype=torch.float)
-    bce = lambda z, y: math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
-    ce = lambda z, k: math.log(sum(math.exp(v) for v in z)) - z[k]
+    columns = {"bowel_injury": [1, 0], "extravasation_injury": [1, 0], "kidney_high": [1, 0],
+               "kidney_healthy": [0, 1], "liver_healthy": [1, 1], "spleen_low": [1, 0],
+               "spleen_healthy": [0, 1], "any_injury": [1, 0]}  # fmt: skip
+    y = torch.tensor([[columns.get(c, [0, 0])[i] for c in labels.RATIC_COLUMNS] for i in range(2)]).float()
+    bce = lambda z, y: math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))  # noqa: E731
+    ce = lambda z, k: math.log(sum(math.exp(v) for v in z)) - z[k]  # noqa: E731
     bowel = (2 * bce(0.5, 1) + 1 * bce(-2.0, 0)) / 3
     extravasation = (6 * bce(-1.0, 1) + 1 * bce(0.3, 0)) / 7
     kidney = (4 * ce([1.0, 0.0, -1.0], 2) + 1 * ce([0.0, 1.0, 0.5], 0)) / 5
@@ -298,4 +390,11 @@ def test_ratic_loss_uses_the_paper_sample_weights():
     p_any = model.ratic_probabilities(logits)["any_injury"].double().numpy()
     any_injury = (6 * -math.log(p_any[0]) + 1 * -math.log(1 - p_any[1])) / 7
     expected = (bowel + extravasation) / 2 + (kidney + liver + spleen) / 3 + 0.1 * any_injury
-    assert math.isclose(train.classification_loss(logits, labels, info).item(), expected, rel_tol=1e-5)
+
+    def refused_under_cuda_autocast(*args, **kwargs):
+        raise RuntimeError("binary_cross_entropy is unsafe to autocast")  # what CUDA autocast does
+
+    monkeypatch.setattr(torch.nn.functional, "binary_cross_entropy", refused_under_cuda_autocast)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as in training with --amp
+        loss = model.classification_loss(logits, y, "ratic")
+    assert loss.dtype == torch.float32 and math.isclose(loss.item(), expected, rel_tol=1e-5)

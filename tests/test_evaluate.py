@@ -1,4 +1,5 @@
 """evaluate.py: bootstrap, threshold source, multi-run tables, Figure 3, Dice, and prediction of one CT."""
+
 import csv
 import json
 import math
@@ -6,12 +7,14 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import prepared_synthetic, train_cli
 from sklearn.metrics import roc_auc_score
 
+import compare
 import evaluate
-import make_masks
-import synthetic
+import predict
 import train
+import utils
 
 
 def test_auc_columns_match_sklearn_with_ties():
@@ -19,7 +22,7 @@ def test_auc_columns_match_sklearn_with_ties():
     y = rng.integers(0, 2, (60, 4)).astype(float)
     p = np.round(rng.random((60, 4)), 1)  # many ties
     y[:, 3] = 1  # one label value: undefined
-    aucs = evaluate.auc_columns(y, p)
+    aucs = compare.auc_columns(y, p)
     for k in range(3):
         assert math.isclose(aucs[k], roc_auc_score(y[:, k], p[:, k]))
     assert math.isnan(aucs[3])
@@ -28,7 +31,7 @@ def test_auc_columns_match_sklearn_with_ties():
 def test_bootstrap_identical_runs_give_zero():
     rng = np.random.default_rng(1)
     y, p = rng.integers(0, 2, (80, 3)).astype(float), rng.random((80, 3))
-    delta, low, high, p_value = evaluate.paired_bootstrap(y, [p], [p.copy()], resamples=1000, seed=0)
+    delta, low, high, p_value = compare.paired_bootstrap(y, [p], [p.copy()], resamples=1000, seed=0)
     assert delta == 0 and low <= 0 <= high and p_value == 1.0
 
 
@@ -37,18 +40,23 @@ def test_bootstrap_run_better_on_every_case_has_ci_above_zero():
     y = rng.integers(0, 2, (80, 3)).astype(float)
     noisy = rng.random((80, 3))
     better = 0.5 * noisy + 0.5 * y  # every case moves towards its label
-    delta, low, high, p_value = evaluate.paired_bootstrap(y, [better], [noisy], resamples=1000, seed=0)
+    delta, low, high, p_value = compare.paired_bootstrap(y, [better], [noisy], resamples=1000, seed=0)
     assert delta > 0 and low > 0 and p_value < 0.01
-    again = evaluate.paired_bootstrap(y, [better], [noisy], resamples=1000, seed=0)
+    again = compare.paired_bootstrap(y, [better], [noisy], resamples=1000, seed=0)
     assert again == (delta, low, high, p_value)  # seeded
 
 
 def test_thresholds_from_validation(tmp_path):
-    y_val, p_val = np.array([[0], [0], [1], [1]]), np.array([[0.1], [0.3], [0.6], [0.9]])  # Youden on val: 0.6
+    y_val, p_val = (
+        np.array([[0], [0], [1], [1]]),
+        np.array([[0.1], [0.3], [0.6], [0.9]]),
+    )  # Youden on val: 0.6
     y_test, p_test = np.array([[0], [1], [1], [0]]), np.array([[0.5], [0.55], [0.7], [0.65]])
     evaluate.write_predictions(tmp_path / "predictions_val.csv", list("abcd"), y_val, p_val, ["x"])
     evaluate.write_predictions(tmp_path / "predictions_test.csv", list("efgh"), y_test, p_test, ["x"])
-    rows, _ = evaluate.evaluate_predictions(str(tmp_path / "predictions_test.csv"), thresholds_from="val", quiet=True)
+    rows, _ = evaluate.evaluate_predictions(
+        str(tmp_path / "predictions_test.csv"), thresholds_from="val", quiet=True
+    )
     assert rows[0]["threshold"] == 0.6 and rows[0]["sensitivity"] == 0.5 and rows[0]["specificity"] == 0.5
     saved = json.loads((tmp_path / "metrics_test.json").read_text())
     assert "validation split" in saved["thresholds"]
@@ -73,11 +81,15 @@ def test_dice_on_hand_made_masks():
 
 def fake_run(folder, model, seg, seed, y, p):
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"dataset": "synthetic", "model": model, "seg": seg, "seed": seed,
-                                                    "pretrained": None}))
-    evaluate.write_predictions(folder / "predictions_test.csv", [f"c{i}" for i in range(len(y))], y, p, ["cardiomegaly", "emphysema"])
-    with open(folder / "iterations.csv", "w", newline="") as f:
-        csv.writer(f).writerows([[0, i, 1 / (i + 1) + seg, 1, int(seg), 2 + np.sin(i), 1e-4, 0.01] for i in range(30)])
+    (folder / "config.json").write_text(
+        json.dumps({"dataset": "synthetic", "model": model, "seg": seg, "seed": seed, "pretrained": None})
+    )
+    evaluate.write_predictions(
+        folder / "predictions_test.csv", [f"c{i}" for i in range(len(y))], y, p, ["cardiomegaly", "emphysema"]
+    )
+    log = utils.CSVLog(folder / "iterations.csv", train.ITERATION_FIELDS)
+    values = [[0, i, 1 / (i + 1) + seg, 1 / (i + 1), int(seg), 2 + np.sin(i), 1e-4, 0.01] for i in range(30)]
+    log.append([dict(zip(train.ITERATION_FIELDS, row)) for row in values])
 
 
 def test_comparison_tables_and_figure(tmp_path, capsys):
@@ -89,35 +101,44 @@ def test_comparison_tables_and_figure(tmp_path, capsys):
     fake_run(tmp_path / "seg_s0", "r3d", True, 0, y, perfect)
     fake_run(tmp_path / "seg_s1", "r3d", True, 1, y, perfect)
     expected_half = np.mean([roc_auc_score(y[:, k], half[:, k]) for k in range(2)])
-    evaluate.main(evaluate.get_args_parser().parse_args(
-        [str(tmp_path / n) for n in ("noseg_s0", "noseg_s1", "seg_s0", "seg_s1")]
-        + ["--figure", str(tmp_path / "fig3.png"), "--bootstrap", "200"]))
+    evaluate.main(
+        evaluate.get_args_parser().parse_args(
+            [str(tmp_path / n) for n in ("noseg_s0", "noseg_s1", "seg_s0", "seg_s1")]
+            + ["--figure", str(tmp_path / "fig3.png"), "--bootstrap", "200"]
+        )
+    )
     text = (tmp_path / "comparison.txt").read_text()
     auc_line = next(line for line in text.splitlines() if line.startswith("ResNet") and "auc" in line)
     assert f"{100 * expected_half:.2f} ± 0.00" in auc_line and "100.00 ± 0.00" in auc_line
     assert f"{100 * (1 - expected_half):+.2f}" in auc_line
     assert "paired bootstrap (200 resamples of 6 cases, 2 vs 2 run(s))" in text
-    table7 = text.splitlines()[text.splitlines().index(next(l for l in text.splitlines() if "per class" in l)) + 1]
+    lines = text.splitlines()
+    table7 = lines[lines.index(next(line for line in lines if "per class" in line)) + 1]
     assert "CDM" in table7 and "EMP" in table7 and "AVG" in table7
     records = json.loads((tmp_path / "comparison.json").read_text())
     bootstrap = next(r for r in records if r["metric"] == "delta_auc")
-    assert math.isclose(bootstrap["delta"], 1 - expected_half) and bootstrap["ci"][0] <= bootstrap["delta"] <= bootstrap["ci"][1]
+    assert (
+        math.isclose(bootstrap["delta"], 1 - expected_half)
+        and bootstrap["ci"][0] <= bootstrap["delta"] <= bootstrap["ci"][1]
+    )
     assert (tmp_path / "fig3.png").stat().st_size > 10_000
 
 
 def test_smoothing_is_debiased():
-    assert evaluate.smoothed([5.0] * 4, span=10) == pytest.approx([5.0] * 4)
+    assert compare.smoothed([5.0] * 4, span=10) == pytest.approx([5.0] * 4)
 
 
 def test_predict_one_ct_matches_the_training_pipeline(tmp_path, capsys):
-    synthetic.write_synthetic(tmp_path / "syn", {"train": 4, "val": 2, "test": 2})
-    make_masks.main(make_masks.get_args_parser().parse_args(
-        ["--src", str(tmp_path / "syn" / "ct"), "--dst", str(tmp_path / "syn" / "prep"), "--region", "chest",
-         "--from-totalseg", str(tmp_path / "syn" / "totalseg")]))
-    train.main(train.get_args_parser().parse_args(
-        ["--data-path", str(tmp_path / "syn"), "--seg", "-b", "2", "-j", "0", "--epochs", "1",
-         "--output-dir", str(tmp_path / "run")]))
-    probs = evaluate.predict(str(tmp_path / "syn" / "ct" / "synthetic_test_0001.nii.gz"), str(tmp_path / "run" / "checkpoint.pth"))
+    prepared_synthetic(tmp_path / "syn")
+    train_cli(
+        "--data-path",
+        tmp_path / "syn",
+        *"--seg -b 2 -j 0 --epochs 1".split(),
+        "--output-dir",
+        tmp_path / "run",
+    )
+    ct_path = tmp_path / "syn" / "ct" / "synthetic_test_0001.nii.gz"
+    probs = predict.predict(str(ct_path), str(tmp_path / "run" / "checkpoint.pth"))
     with open(tmp_path / "run" / "predictions_test.csv") as f:
         row = next(r for r in csv.DictReader(f) if r["case_id"] == "synthetic_test_0001")
     for name, p in probs.items():

@@ -3,9 +3,8 @@
 The example CT (3 mm, upper abdomen) and TotalSegmentator's own fast-mode output for it are in
 ../shared/data/totalsegmentator_example; its README lists the reference voxel counts used below.
 """
+
 import csv
-import gzip
-import os
 import shutil
 import signal
 import subprocess
@@ -17,9 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import data
-import synthetic
 import make_masks
+import synthetic
 from totalseg_standin import make_standin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +30,11 @@ REFERENCE_COUNTS = {1: 39350, 2: 9630, 3: 3676, 4: 3996, 5: 4748 + 1018 + 991 + 
 
 
 def run(src, dst, region="abdomen", *extra):
-    make_masks.main(make_masks.get_args_parser().parse_args(
-        ["--src", str(src), "--dst", str(dst), "--region", region, "--device", "cpu", *extra]))
+    make_masks.main(
+        make_masks.get_args_parser().parse_args(
+            ["--src", str(src), "--dst", str(dst), "--region", region, "--device", "cpu", *extra]
+        )
+    )
 
 
 def stored(dst, case):
@@ -75,6 +76,7 @@ def test_from_totalseg_on_the_example(example_case):
 
 def test_dicom_series_matches_reference_reader_and_grid():
     import SimpleITK as sitk
+
     folder = EXAMPLE / "example_ct_dicom"
     hu, affine = make_masks.read_dicom_series(folder)
     reader = sitk.ImageSeriesReader()
@@ -91,8 +93,9 @@ def test_dicom_series_matches_reference_reader_and_grid():
     assert make_masks.same_voxels(seg.shape, seg.affine, hu.shape, affine)
     # every world point of our voxel (i, j, k) is TotalSegmentator's voxel (i, 511 - j, k)
     ijk = np.array([[0, 0, 0, 1], [511, 100, 19, 1], [37, 511, 5, 1]]).T
-    np.testing.assert_allclose(affine @ ijk, seg.affine @ (ijk * [[1], [-1], [1], [1]] + [[0], [511], [0], [0]]),
-                               atol=1e-3)
+    np.testing.assert_allclose(
+        affine @ ijk, seg.affine @ (ijk * [[1], [-1], [1], [1]] + [[0], [511], [0], [0]]), atol=1e-3
+    )
 
 
 def test_dicom_through_make_masks_with_existing_totalseg(tmp_path):
@@ -105,7 +108,7 @@ def test_dicom_through_make_masks_with_existing_totalseg(tmp_path):
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_dicom.nii.gz").dataobj)
     before = np.bincount(make_masks.label_lut("abdomen")[seg].ravel(), minlength=6)[1:]
     after = np.bincount(mask.ravel(), minlength=6)[1:]
-    volume_ratio = (0.9765625 ** 2 * 2.0) / (1.5 * 1.5 * 3.0)  # voxel volume before / after
+    volume_ratio = (0.9765625**2 * 2.0) / (1.5 * 1.5 * 3.0)  # voxel volume before / after
     for b, a in zip(before, after):  # same organ volumes in mm^3, up to nearest-neighbour sampling
         assert b == a == 0 or abs(a / (b * volume_ratio) - 1) < 0.1, (before, after)
 
@@ -129,7 +132,8 @@ def test_lps_storage_gives_the_same_preprocessed_case(example_case):
 
 def test_radchest_npz_keeps_the_patients_left_on_the_left(tmp_path):
     # RAD-ChestCT stores (superior->inferior, anterior->posterior, right->left) at 0.8 mm: put a marker in the
-    # patient's left-anterior-superior corner region and find it at high S, high A, low R (= left) after RAS resampling
+    # patient's left-anterior-superior corner region and find it at high S, high A, low R (= left) after
+    # resampling to RAS
     volume = np.full((50, 40, 30), -1000, np.int16)
     volume[2:6, 3:7, 22:27] = 800  # near the top slice, anterior rows, columns towards the patient's left
     (tmp_path / "src").mkdir()
@@ -149,29 +153,51 @@ def test_ctrate_original_files_with_metadata(example_case):
     (example_case / "raw").mkdir()
     nib.save(nib.Nifti1Image(raw, np.eye(4)), example_case / "raw" / "train_1_a_1.nii.gz")
     lps = np.diag([-1, -1, 1, 1]) @ source.affine
-    row = {"VolumeName": "train_1_a_1.nii.gz", "RescaleSlope": "1", "RescaleIntercept": "-1024",
-           "XYSpacing": "[3.0, 3.0]", "ZSpacing": "3.0", "ImagePositionPatient": str(lps[:3, 3].tolist()),
-           "ImageOrientationPatient": str((np.concatenate([lps[:3, 0], lps[:3, 1]]) / 3).tolist())}
+    row = {
+        "VolumeName": "train_1_a_1.nii.gz",
+        "RescaleSlope": "1",
+        "RescaleIntercept": "-1024",
+        "XYSpacing": "[3.0, 3.0]",
+        "ZSpacing": "3.0",
+        "ImagePositionPatient": str(lps[:3, 3].tolist()),
+        "ImageOrientationPatient": str((np.concatenate([lps[:3, 0], lps[:3, 1]]) / 3).tolist()),
+    }
     with open(example_case / "train_metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(row))
         writer.writeheader()
         writer.writerow(row)
     shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", example_case / "ts" / "train_1_a_1.nii.gz")
-    run(example_case / "raw", example_case / "out_raw", "abdomen", "--from-totalseg", str(example_case / "ts"),
-        "--metadata", str(example_case / "train_metadata.csv"))
+    run(
+        example_case / "raw",
+        example_case / "out_raw",
+        "abdomen",
+        "--from-totalseg",
+        str(example_case / "ts"),
+        "--metadata",
+        str(example_case / "train_metadata.csv"),
+    )
     run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
     for a, b in zip(stored(example_case / "out", "example"), stored(example_case / "out_raw", "train_1_a_1")):
         np.testing.assert_allclose(a, b, atol=1e-4)
     shutil.copy(EXAMPLE / "example_ct_sm.nii.gz", example_case / "raw" / "train_1_a_1.nii.gz")  # HU already
     with pytest.raises(SystemExit, match="already HU"):
-        run(example_case / "raw", example_case / "out_fixed", "abdomen", "--from-totalseg", str(example_case / "ts"),
-            "--metadata", str(example_case / "train_metadata.csv"))
+        run(
+            example_case / "raw",
+            example_case / "out_fixed",
+            "abdomen",
+            "--from-totalseg",
+            str(example_case / "ts"),
+            "--metadata",
+            str(example_case / "train_metadata.csv"),
+        )
 
 
 def test_ctrate_case_missing_from_its_segmentation_folder_is_reported(example_case):
     (example_case / "ts" / "example.nii.gz").rename(example_case / "ts" / "other.nii.gz")
     with pytest.raises(SystemExit, match="example.nii.gz.*no TotalSegmentator file named example"):
-        run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
+        run(
+            example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts")
+        )
 
 
 def test_totalsegmentator_path_with_standin_model(example_case, monkeypatch):
@@ -209,8 +235,12 @@ def test_corrupt_input_is_reported_and_others_finish(example_case):
     payload = (EXAMPLE / "example_ct_sm.nii.gz").read_bytes()
     (example_case / "src" / "broken.nii.gz").write_bytes(payload[: len(payload) // 2])  # truncated gzip
     with pytest.raises(SystemExit, match=r"1 of 3 case\(s\) failed:\n.*broken\.nii\.gz"):
-        run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
-    assert make_masks.is_done(example_case / "out", "example") and make_masks.is_done(example_case / "out", "second")
+        run(
+            example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts")
+        )
+    assert make_masks.is_done(example_case / "out", "example") and make_masks.is_done(
+        example_case / "out", "second"
+    )
     assert not (example_case / "out" / "ct" / "broken.nii").exists()
 
 
@@ -219,31 +249,55 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
         shutil.copy(example_case / "src" / "example.nii.gz", example_case / "src" / f"case{i}.nii.gz")
         shutil.copy(example_case / "ts" / "example.nii.gz", example_case / "ts" / f"case{i}.nii.gz")
     out = example_case / "out"
-    command = [sys.executable, str(ROOT / "make_masks.py"), "--src", str(example_case / "src"), "--dst", str(out),
-               "--region", "abdomen", "--from-totalseg", str(example_case / "ts")]
+    command = [
+        sys.executable,
+        str(ROOT / "make_masks.py"),
+        "--src",
+        str(example_case / "src"),
+        "--dst",
+        str(out),
+        "--region",
+        "abdomen",
+        "--from-totalseg",
+        str(example_case / "ts"),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "mask").glob("*.nii"))) < 2:
+    while time.time() < deadline and len(list((out / "mask").glob("[!.]*.nii"))) < 2:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("*.nii")}
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("[!.]*.nii")}
     assert 2 <= len(finished) < 9, "the kill should land mid-run"
     (out / "ct" / ".case0.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     for case in [f"case{i}" for i in range(8)] + ["example"]:
         assert make_masks.is_done(out, case)
         np.testing.assert_array_equal(stored(out, case)[1], stored(out, "case0")[1])
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("*.nii") if p.name in finished} == finished
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("[!.]*.nii") if p.name in finished
+    } == finished
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "no temporary files left"
 
 
 def test_synthetic_files_through_make_masks_train_the_same_as_in_memory(tmp_path):
     import train
+
     synthetic.write_synthetic(tmp_path / "syn", {"train": 6, "val": 2, "test": 3})
-    run(tmp_path / "syn" / "ct", tmp_path / "syn" / "prep", "chest", "--from-totalseg", str(tmp_path / "syn" / "totalseg"))
+    run(
+        tmp_path / "syn" / "ct",
+        tmp_path / "syn" / "prep",
+        "chest",
+        "--from-totalseg",
+        str(tmp_path / "syn" / "totalseg"),
+    )
     common = ["--seg", "-b", "2", "-j", "0", "--epochs", "1"]
-    for name, extra in (("files", ["--data-path", str(tmp_path / "syn")]), ("memory", ["--synthetic-cases", "6", "2", "3"])):
-        train.main(train.get_args_parser().parse_args([*common, *extra, "--output-dir", str(tmp_path / name)]))
+    for name, extra in (
+        ("files", ["--data-path", str(tmp_path / "syn")]),
+        ("memory", ["--synthetic-cases", "6", "2", "3"]),
+    ):
+        train.main(
+            train.get_args_parser().parse_args([*common, *extra, "--output-dir", str(tmp_path / name)])
+        )
     files, memory = ((tmp_path / name / "predictions_test.csv").read_text() for name in ("files", "memory"))
     assert files == memory  # resampling onto its own grid, storage and memory maps change nothing

@@ -1,10 +1,12 @@
-"""Kinetics-400 initialisation (paper §3.3, A.4), offline: torchvision's models in their original configuration
-with random weights stand in for the published files."""
+"""Kinetics-400 initialisation (paper §3.3, A.4), offline: torchvision's models in their original
+configuration with random weights stand in for the published files."""
+
 import pytest
 import torch
+from helpers import train_cli
 
-import train
-from model import ARCHS, REPLACED, CTClassifier, load_pretrained, resize_bias_table, resize_rel_pos, torchvision_model
+from model import ARCHS, CTClassifier, torchvision_model
+from pretrained import REPLACED, load_pretrained, resize_bias_table, resize_rel_pos
 
 CHEST, ABDOMEN, SMALL = (96, 192, 192), (160, 176, 192), (32, 48, 48)
 
@@ -45,8 +47,8 @@ def test_every_kept_tensor_equals_the_file(arch, pretrained_files):
 
 
 def test_mvit_adapted_tables_reproduce_torchvision_attention(pretrained_files):
-    """torchvision's MViT resizes rel-pos tables to the token grid at run time; the adapted tables must give the
-    same attention when the original block runs on our grid (2 x 24 x 24 tokens for the small crop)."""
+    """torchvision's MViT resizes rel-pos tables to the token grid at run time; the adapted tables must
+    give the same attention when the original block runs on our grid (2 x 24 x 24 tokens, small crop)."""
     original = torchvision_model("mvit")
     original.load_state_dict(torch.load(pretrained_files["mvit"], weights_only=True))
     ours = CTClassifier("mvit", 5, SMALL)
@@ -90,9 +92,7 @@ def test_wrong_file_is_refused(pretrained_files, tmp_path):
 
 
 def test_train_with_pretrained_file(pretrained_files, tmp_path, capsys):
-    args = train.get_args_parser().parse_args(
-        ["--model", "mvit", "--seg", "--pretrained", str(pretrained_files["mvit"]), "--synthetic-cases", "4", "2", "2",
-         "-b", "2", "-j", "0", "--epochs", "1", "--max-steps", "1", "--output-dir", str(tmp_path)])
-    train.main(args)
+    short = "--seg --synthetic-cases 4 2 2 -b 2 -j 0 --epochs 1 --max-steps 1".split()
+    train_cli("--model", "mvit", "--pretrained", pretrained_files["mvit"], *short, "--output-dir", tmp_path)
     assert "adapted 48" in capsys.readouterr().out
     assert (tmp_path / "predictions_test.csv").exists()

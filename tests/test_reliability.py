@@ -1,8 +1,7 @@
 """Crash safety, bad input, determinism and torchrun DDP on CPU (gloo)."""
+
 import csv
-import gzip
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,92 +12,110 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import make_masks_cli, prepared_synthetic, train_cli
 
 import data
 import make_masks
+import model
 import synthetic
 import train
+import utils
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example"
-SMALL = ["--synthetic-cases", "12", "2", "4", "-b", "2", "-j", "0", "--epochs", "2", "--print-freq", "1"]
+SMALL = "--synthetic-cases 12 2 4 -b 2 -j 0 --epochs 2 --print-freq 1".split()
 
 
 def run_train(out, *extra):
-    train.main(train.get_args_parser().parse_args([*SMALL, "--output-dir", str(out), *extra]))
+    train_cli(*SMALL, "--output-dir", out, *extra)
     return (out / "predictions_test.csv").read_text()
+
+
+def log_rows(path, fields=train.ITERATION_FIELDS[:-1]):
+    """The logged values of each step, without the wall-clock data wait."""
+    with open(path) as f:
+        return [[row[k] for k in fields] for row in csv.DictReader(f)]
 
 
 def test_two_runs_with_one_seed_write_identical_predictions(tmp_path):
     first = run_train(tmp_path / "a", "--seg")
     assert run_train(tmp_path / "b", "--seg") == first
-    logs = [[r[:6] for r in csv.reader(open(tmp_path / run / "iterations.csv"))] for run in "ab"]
-    assert logs[0] == logs[1]  # losses and gradient norms too, step by step
+    assert log_rows(tmp_path / "a" / "iterations.csv") == log_rows(tmp_path / "b" / "iterations.csv")
     assert run_train(tmp_path / "c", "--seg", "--seed", "1") != first
 
 
 def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path):
     straight = run_train(tmp_path / "straight", "--seg", "--checkpoint-every", "2")
     out = tmp_path / "killed"
-    command = [sys.executable, "train.py", *SMALL, "--seg", "--checkpoint-every", "2", "--output-dir", str(out)]
+    command = [
+        sys.executable,
+        "train.py",
+        *SMALL,
+        "--seg",
+        "--checkpoint-every",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline = out / "iterations.csv", time.time() + 120
-    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 9):
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 1 + 9):
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    state = torch.load(out / "checkpoint.pth", weights_only=False)
+    state = utils.load_checkpoint(out / "checkpoint.pth")
     assert 0 < state["iteration"] < 12, "killed in the second epoch, after a mid-epoch checkpoint"
     assert not (out / "predictions_test.csv").exists()
     subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True)
     assert (out / "predictions_test.csv").read_text() == straight
-    rows = [r[:7] for r in csv.reader(open(out / "iterations.csv"))]
-    assert rows == [r[:7] for r in csv.reader(open(tmp_path / "straight" / "iterations.csv"))]
-    assert not list(out.glob("*.tmp"))
+    assert log_rows(out / "iterations.csv") == log_rows(tmp_path / "straight" / "iterations.csv")
+    assert not list(out.glob(".*tmp*"))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train.classification_loss
-    calls = {"n": 0}
+    real, calls = model.classification_loss, {"n": 0}
 
-    def loss_that_breaks(logits, labels, info):
+    def loss_that_breaks(logits, labels, kind):
         calls["n"] += 1
-        return real(logits, labels, info) * (float("nan") if calls["n"] == 9 else 1.0)
+        return real(logits, labels, kind) * (float("nan") if calls["n"] == 9 else 1.0)
 
-    monkeypatch.setattr(train, "classification_loss", loss_that_breaks)
-    with pytest.raises(train.NonFiniteLoss, match=r"non-finite loss nan .* epoch 1 iteration 8; the last good checkpoint"):
+    monkeypatch.setattr(model, "classification_loss", loss_that_breaks)
+    with pytest.raises(
+        utils.NonFiniteLoss, match=r"loss nan.* at epoch 1 iteration 8; the last good checkpoint"
+    ):
         run_train(tmp_path, "--checkpoint-every", "4")
-    state = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert state["iteration"] == 8 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    state = utils.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert state["iteration"] == 8
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "predictions_test.csv").exists()
-
-
-def test_train_command_line_gives_one_line_for_bad_input(tmp_path):
-    synthetic.write_synthetic(tmp_path / "syn", {"train": 4, "val": 2, "test": 2})
-    make_masks.main(make_masks.get_args_parser().parse_args(
-        ["--src", str(tmp_path / "syn" / "ct"), "--dst", str(tmp_path / "syn" / "prep"), "--region", "chest",
-         "--from-totalseg", str(tmp_path / "syn" / "totalseg")]))
-    mask_path = tmp_path / "syn" / "prep" / "mask" / "synthetic_train_0001.nii"
-    mask = nib.load(mask_path)
-    labels = np.asarray(mask.dataobj).copy()
-    labels[labels == 6] = 9  # a mask made with another label scheme
-    make_masks.save_atomic(labels, mask.affine, mask_path)
-    command = [sys.executable, "train.py", "--data-path", str(tmp_path / "syn"), "--seg", "-b", "2", "-j", "1",
-               "--epochs", "1", "--output-dir", str(tmp_path / "run")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"stopped: {mask_path}: mask label 9 is outside this region's scheme 0..6 (made for another --region?)")
-    assert "Traceback" not in result.stderr
 
 
 @pytest.fixture
 def prep(tmp_path):
-    synthetic.write_synthetic(tmp_path / "syn", {"train": 4, "val": 2, "test": 2})
-    make_masks.main(make_masks.get_args_parser().parse_args(
-        ["--src", str(tmp_path / "syn" / "ct"), "--dst", str(tmp_path / "syn" / "prep"), "--region", "chest",
-         "--from-totalseg", str(tmp_path / "syn" / "totalseg")]))
-    return tmp_path / "syn"
+    return prepared_synthetic(tmp_path / "syn")
+
+
+def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
+    mask_path = prep / "prep" / "mask" / "synthetic_train_0001.nii"
+    mask = nib.load(mask_path)
+    labels = np.asarray(mask.dataobj).copy()
+    labels[labels == 6] = 9  # a mask made with another label scheme
+    make_masks.save_atomic(labels, mask.affine, mask_path)
+    short = "--seg -b 2 -j 1 --epochs 1".split()
+    command = [
+        sys.executable,
+        "train.py",
+        "--data-path",
+        str(prep),
+        *short,
+        "--output-dir",
+        str(tmp_path / "run"),
+    ]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    expected = f"{mask_path}: mask label 9 is outside this region's scheme 0..6 (made for another --region?)"
+    assert result.stderr.strip().splitlines()[-1] == f"stopped: {expected}"
+    assert "Traceback" not in result.stderr
 
 
 def build(root, seg=True):
@@ -113,7 +130,8 @@ def test_wrong_dtype_and_affine_mismatch_name_the_file(prep):
     make_masks.save_atomic(np.asarray(ct.dataobj).astype(np.float32), ct.affine, ct_path)
     with pytest.raises(data.BadInput, match=f"{ct_path}: data type float32, expected int16"):
         build(prep)
-    make_masks.save_atomic(np.asarray(ct.dataobj).astype(np.int16), ct.affine @ np.diag([1, 1, -1, 1]), ct_path)
+    flipped = ct.affine @ np.diag([1, 1, -1, 1])
+    make_masks.save_atomic(np.asarray(ct.dataobj).astype(np.int16), flipped, ct_path)
     with pytest.raises(data.BadInput, match=r"mask/synthetic_val_0000.nii: grid .* does not match its CT"):
         build(prep)
     build(prep, seg=False)  # without --seg the masks are not read
@@ -128,10 +146,10 @@ def test_torn_or_compressed_volumes_are_refused(prep):
         data.nifti_layout(prep / "ct" / "synthetic_test_0001.nii.gz")
 
 
-def test_volume_smaller_than_the_crop_is_padded(tmp_path):
+def test_volume_smaller_than_the_crop_is_padded():
     ct, mask, _ = synthetic.make_phantom(np.random.default_rng(0), (10, 20, 16))
     dataset = data.CTDataset(["tiny"], [(ct, mask)], np.zeros((1, 5)), (40, 60, 60), (32, 48, 48), train=True,
-                             with_mask=True, max_label=6)
+                             with_mask=True, max_label=6)  # fmt: skip
     sample = dataset[0]
     assert sample["ct"].shape == (1, 32, 48, 48) and sample["mask"].shape == (32, 48, 48)
     assert (sample["ct"] == data.AIR_HU).sum() == 32 * 48 * 48 - ct.size + (ct == data.AIR_HU).sum()
@@ -140,7 +158,9 @@ def test_volume_smaller_than_the_crop_is_padded(tmp_path):
 
 def test_empty_label_table_and_missing_column(prep):
     rows = (prep / "labels.csv").read_text().splitlines()
-    (prep / "labels.csv").write_text(rows[0] + "\n" + "\n".join(r for r in rows[1:] if ",train," not in r) + "\n")
+    (prep / "labels.csv").write_text(
+        "\n".join([rows[0], *(r for r in rows[1:] if ",train," not in r)]) + "\n"
+    )
     with pytest.raises(data.BadInput, match="the train split of synthetic is empty"):
         build(prep)
     (prep / "labels.csv").write_text(rows[0].replace(",emphysema", ",emphysem") + "\n")
@@ -160,30 +180,31 @@ def test_make_masks_reports_each_bad_input_by_file(tmp_path):
     nib.save(nib.Nifti1Image(values[..., None].repeat(2, -1), img.affine), src / "four_d.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine), src / "good.nii.gz")
     with pytest.raises(SystemExit) as error:
-        make_masks.main(make_masks.get_args_parser().parse_args(
-            ["--src", str(src), "--dst", str(tmp_path / "out"), "--region", "abdomen", "--from-totalseg", str(src)]))
+        make_masks_cli("--src", src, "--dst", tmp_path / "out", "--region", "abdomen", "--from-totalseg", src)
     message = str(error.value)
     assert message.startswith("4 of 4 case(s) failed") or message.startswith("3 of 4 case(s) failed")
-    assert f"{src / 'tail_cut.nii.gz'}: " in message and f"{src / 'nan.nii.gz'}: ValueError: 2 non-finite voxels" in message
+    assert f"{src / 'tail_cut.nii.gz'}: " in message
+    assert f"{src / 'nan.nii.gz'}: ValueError: 2 non-finite voxels" in message
     assert f"{src / 'four_d.nii.gz'}: ValueError: expected a 3D volume" in message
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
-    """Same global batches (DistributedSampler splits each permutation), every case predicted exactly once. With
-    lr 0 the weights stay those of the seeded initialisation, so the predictions must agree to rounding."""
-    common = ["--model", "swin", "--synthetic-cases", "8", "3", "5", "--epochs", "1", "--lr", "0", "--device", "cpu",
-              "-j", "0", "--print-freq", "1"]
-    one = subprocess.run([sys.executable, "train.py", *common, "-b", "4", "--output-dir", str(tmp_path / "one")],
-                         cwd=ROOT, capture_output=True, text=True)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "train.py", *common, "-b", "2", "--output-dir", str(tmp_path / "two")],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Same global batches (DistributedSampler splits each permutation), every case predicted exactly once.
+    With lr 0 the weights stay those of the seeded initialisation: the predictions must agree to rounding."""
+    common = "--model swin --synthetic-cases 8 3 5 --epochs 1 --lr 0 --device cpu -j 0 --print-freq 1".split()
+    one = [sys.executable, "train.py", *common, "-b", "4", "--output-dir", str(tmp_path / "one")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    two = [*torchrun, "train.py", *common, "-b", "2", "--output-dir", str(tmp_path / "two")]
+    one = subprocess.run(one, cwd=ROOT, capture_output=True, text=True)
+    two = subprocess.run(
+        two, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
-    assert "2 process(es)" in two.stdout
-    a = list(csv.reader(open(tmp_path / "one" / "predictions_test.csv")))
-    b = list(csv.reader(open(tmp_path / "two" / "predictions_test.csv")))
+    assert "2 process(es) x batch 2 = 4" in two.stdout
+    a, b = (list(csv.reader(open(tmp_path / run / "predictions_test.csv"))) for run in ("one", "two"))
     assert len(b) == 1 + 5 and [r[0] for r in a] == [r[0] for r in b]
-    np.testing.assert_allclose(np.array([r[1:] for r in a[1:]], float), np.array([r[1:] for r in b[1:]], float), atol=1e-5)
+    values = [np.array([r[2:] for r in rows[1:]], float) for rows in (a, b)]  # after case_id, patient_id
+    np.testing.assert_allclose(values[0], values[1], atol=1e-5)
     metrics = [open(tmp_path / run / "metrics_test.csv").read() for run in ("one", "two")]
     assert metrics[0].splitlines()[-1][:30] == metrics[1].splitlines()[-1][:30]
-    assert len(open(tmp_path / "two" / "iterations.csv").read().splitlines()) == 2  # 8 cases / (2 x 2) per step
+    assert len(log_rows(tmp_path / "two" / "iterations.csv")) == 2  # 8 cases / (2 processes x 2) per step

@@ -1,0 +1,241 @@
+"""Several runs side by side: Tables 1 and 6-9 layouts, bootstrap confidence intervals, Figure 3 (paper §3).
+
+    python evaluate.py runs/*/ --figure fig3.png      # (evaluate.py hands several run folders to this module)
+
+Runs are grouped by (dataset, model, pretrained, seg) from their config.json; the seeds of one group are
+averaged (mean +- std). w/ vs w/o seg: a paired bootstrap over the test cases (resampled jointly for all runs
+of both groups), with the 95% percentile CI and two-sided p-value of the difference of macro AUC.
+"""
+
+import json
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+from scipy.stats import rankdata
+
+import utils
+from evaluate import evaluate_predictions, read_predictions
+from labels import ABBREVIATIONS
+
+MODEL_NAMES = {"r3d": "ResNet", "mvit": "MViT", "swin": "Swin3D"}
+
+
+def auc_columns(y_true, y_score):
+    """AUC of every column at once (Mann-Whitney, mid-ranks: ties count 1/2); NaN for one-label columns."""
+    positives = y_true.sum(0)
+    pairs = positives * (len(y_true) - positives)
+    rank_sum = (rankdata(y_score, axis=0) * y_true).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (rank_sum - positives * (positives + 1) / 2) / pairs, np.nan)
+
+
+def mean_macro_auc(y_true, runs):
+    """Mean over runs of the macro AUC over the classes that have both labels in y_true."""
+    both = (y_true.min(0) == 0) & (y_true.max(0) == 1)
+    return np.mean([auc_columns(y_true[:, both], p[:, both]).mean() for p in runs])
+
+
+def paired_bootstrap(y_true, probs_a, probs_b, resamples=1000, seed=0):
+    """Δ = mean macro AUC of runs A - that of runs B, all evaluated on the same cases (lists of (N, K)).
+    Cases are resampled jointly for every run. Returns (Δ, CI low, CI high, two-sided p-value)."""
+    rng = np.random.default_rng(seed)
+    n, samples = len(y_true), []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        samples.append(
+            mean_macro_auc(y_true[idx], [p[idx] for p in probs_a])
+            - mean_macro_auc(y_true[idx], [p[idx] for p in probs_b])
+        )
+    low, high = np.percentile(samples, [2.5, 97.5])
+    p_value = min(1.0, 2 * min(np.mean(np.array(samples) <= 0), np.mean(np.array(samples) >= 0)))
+    delta = mean_macro_auc(y_true, probs_a) - mean_macro_auc(y_true, probs_b)
+    return float(delta), float(low), float(high), float(p_value)
+
+
+def load_runs(folders, method, thresholds_from):
+    runs = []
+    for folder in folders:
+        config_path = os.path.join(folder, "config.json")
+        if not os.path.isfile(config_path):
+            sys.exit(f"{folder}: no config.json (not a run folder written by train.py)")
+        config = json.load(open(config_path))
+        path = os.path.join(folder, "predictions_test.csv")
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: missing (did the run finish?)")
+        rows, macro = evaluate_predictions(path, method, thresholds_from, quiet=True)
+        dice_path = os.path.join(folder, "dice_test.json")
+        key = (config["dataset"], config["model"], bool(config.get("pretrained")), config["seg"])
+        runs.append(
+            {
+                "folder": folder,
+                "key": key,
+                "seed": config["seed"],
+                **read_predictions(path),
+                "rows": rows,
+                "macro": macro,
+                "dice": json.load(open(dice_path)) if os.path.isfile(dice_path) else None,
+            }
+        )
+    return runs
+
+
+def cell(values, scale=100):
+    values = scale * np.asarray(values, dtype=float)
+    return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
+
+
+def macro_table(groups, dataset, resamples, seed):
+    """Table 1 / 6 layout of one dataset, with the paired bootstrap under each w/o vs w/ seg pair."""
+    lines = [
+        f"\n== {dataset}: macro metrics (%), mean ± std over seeds; Δ = w/ seg - w/o seg",
+        f"{'model':<22}{'metric':<8}{'w/o seg':>16}{'w/ seg':>16}{'Δ':>9}",
+    ]
+    records = []
+    for pretrained in (False, True):
+        for model in MODEL_NAMES:
+            off, on = (
+                groups.get((dataset, model, pretrained, False), []),
+                groups.get((dataset, model, pretrained, True), []),
+            )
+            if not off and not on:
+                continue
+            name = MODEL_NAMES[model] + (" + pretrained" if pretrained else "")
+            for metric in ("auc", "sensitivity", "specificity", "f1_weighted", "precision"):
+                a, b = [r["macro"][metric] for r in off], [r["macro"][metric] for r in on]
+                delta = f"{100 * (np.mean(b) - np.mean(a)):+.2f}" if a and b else ""
+                cells = f"{cell(a) if a else '-':>16}{cell(b) if b else '-':>16}"
+                lines.append(f"{name:<22}{metric[:7]:<8}{cells}{delta:>9}")
+                records.append(
+                    {
+                        "dataset": dataset,
+                        "model": model,
+                        "pretrained": pretrained,
+                        "metric": metric,
+                        "without_seg": a,
+                        "with_seg": b,
+                    }
+                )
+            if off and on:
+                line, record = bootstrap_line(off, on, resamples, seed)
+                lines.append(line)
+                records.append({"dataset": dataset, "model": model, "pretrained": pretrained, **record})
+    return lines, records
+
+
+def bootstrap_line(off, on, resamples, seed):
+    reference = off[0]
+    for run in off + on:
+        if run["cases"] != reference["cases"]:
+            sys.exit(f"{run['folder']} and {reference['folder']} were evaluated on different cases")
+    d, low, high, p = paired_bootstrap(
+        reference["y_true"], [r["y_prob"] for r in on], [r["y_prob"] for r in off], resamples, seed
+    )
+    line = (
+        f"{'':<22}paired bootstrap ({resamples} resamples of {len(reference['cases'])} cases, {len(off)} vs "
+        f"{len(on)} run(s)): Δ AUC {100 * d:+.2f}, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}], p = {p:.3f}"
+    )
+    return line, {"metric": "delta_auc", "delta": d, "ci": [low, high], "p": p, "resamples": resamples}
+
+
+def per_class_table(groups, runs, dataset):
+    """AUC per class (Tables 7-9 layout: R, R + S, R + P, R + P + S, ...) and the seg head's Dice."""
+    lines = [f"\n== {dataset}: AUC (%) per class (Tables 7-9), mean over seeds"]
+    classes = next(r["classes"] for r in runs if r["key"][0] == dataset)
+    lines.append(f"{'':<16}" + "".join(f"{ABBREVIATIONS.get(c, c[:6]):>8}" for c in classes) + f"{'AVG':>8}")
+    keys = sorted(
+        (k for k in groups if k[0] == dataset), key=lambda k: (k[2], list(MODEL_NAMES).index(k[1]), k[3])
+    )
+    for key in keys:
+        aucs = [{r["class"]: r["auc"] for r in run["rows"]} for run in groups[key]]
+        label = MODEL_NAMES[key[1]][0] + (" + P" if key[2] else "") + (" + S" if key[3] else "")
+        values = "".join(f"{100 * np.mean([a.get(c, np.nan) for a in aucs]):8.1f}" for c in classes)
+        lines.append(f"{label:<16}{values}{100 * np.mean([r['macro']['auc'] for r in groups[key]]):8.2f}")
+    for key in (k for k in keys if k[3]):
+        dice = [r["dice"] for r in groups[key] if r["dice"]]
+        if dice:
+            values = "  ".join(f"{s} {np.nanmean([d[s]['dice'] for d in dice]):.3f}" for s in dice[0])
+            lines.append(f"seg head Dice ({MODEL_NAMES[key[1]]}{' + P' if key[2] else ''}, test): {values}")
+    return lines
+
+
+def comparison_report(runs, resamples=1000, seed=0):
+    """Text of the Table 1/6-style comparisons, bootstrap, per-class AUC (Tables 7-9), Dice; JSON records."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run["key"]].append(run)
+    lines, records = [], []
+    for dataset in sorted({k[0] for k in groups}):
+        table, rows = macro_table(groups, dataset, resamples, seed)
+        lines += table + per_class_table(groups, runs, dataset)
+        records += rows
+    return "\n".join(lines), records
+
+
+def smoothed(values, span):
+    """Time-weighted (debiased) exponential moving average, as TensorBoard's smoothing."""
+    weight, average, norm, out = 1 - 2 / (span + 1), 0.0, 0.0, []
+    for v in values:
+        average, norm = weight * average + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(average / norm)
+    return out
+
+
+def figure3(runs, path):
+    """Figure 3: gradient norm, total training loss (cls + seg) and, comparable between the arms, the
+    classification loss alone, per iteration, raw and smoothed; w/ seg in red, w/o in blue."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from train import ITERATION_FIELDS
+
+    panels = {
+        "grad_norm": "gradient norm (before clipping)",
+        "loss": "training loss (cls + seg)",
+        "cls_loss": "classification loss (comparable between arms)",
+    }
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
+    for run in sorted(runs, key=lambda r: (r["key"], r["seed"])):
+        log = utils.read_log(os.path.join(run["folder"], "iterations.csv"), ITERATION_FIELDS)
+        iteration = [int(r["iteration"]) for r in log]
+        color = "tab:red" if run["key"][3] else "tab:blue"
+        label = f"{MODEL_NAMES[run['key'][1]]} {'w/' if run['key'][3] else 'w/o'} seg, seed {run['seed']}"
+        for ax, column in zip(axes, panels):
+            values = [float(r[column]) for r in log]
+            ax.plot(iteration, values, color=color, alpha=0.15, lw=0.6)
+            ax.plot(
+                iteration,
+                smoothed(values, max(10, len(log) // 50)),
+                color=color,
+                lw=2,
+                ls=["-", "--", ":", "-."][run["seed"] % 4],
+                label=label,
+            )
+    for ax, title in zip(axes, panels.values()):
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(args):
+    runs = load_runs(args.paths, args.threshold, args.thresholds_from)
+    text, records = comparison_report(runs, args.bootstrap, args.seed)
+    where = "validation split" if args.thresholds_from == "val" else "evaluated set"
+    method = "Youden's J" if args.threshold == "youden" else "closest to (0, 1)"
+    text = f"{len(runs)} runs; thresholds: {method} on the {where}" + text
+    print(text)
+    stem = args.output or os.path.join(
+        os.path.dirname(os.path.abspath(args.paths[0].rstrip("/"))), "comparison"
+    )
+    with utils.atomic_path(f"{stem}.txt") as tmp, open(tmp, "w") as f:
+        f.write(text + "\n")
+    utils.write_json(f"{stem}.json", records)
+    print(f"\nwrote {stem}.txt and {stem}.json")
+    if args.figure:
+        figure3(runs, args.figure)
+        print(f"wrote {args.figure}")

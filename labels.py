@@ -1,0 +1,169 @@
+"""Classes and label tables of each dataset, read from the files it distributes (paper §3.1, Tables 2, 7-9).
+
+Every table is {split: (case ids, labels (N, K) float32, groups)}; a group is the patient, so that held-out
+validation and RATIC's per-patient evaluation never mix one patient's scans across sets.
+"""
+
+import csv
+import os
+import zlib
+
+import numpy as np
+
+import utils
+from utils import BadInput
+
+# fmt: off
+CTRATE_CLASSES = {  # the 18 columns of multi_abnormality_labels in the paper's Table 7 order: abbreviation
+    "Arterial wall calcification": "AWC", "Atelectasis": "ATL", "Bronchiectasis": "BRE",
+    "Cardiomegaly": "CDM", "Consolidation": "CON", "Coronary artery wall calcification": "CAC",
+    "Emphysema": "EMP", "Hiatal hernia": "HH", "Interlobular septal thickening": "IST", "Lung nodule": "LN",
+    "Lung opacity": "LOP", "Lymphadenopathy": "LAP", "Medical material": "MM",
+    "Mosaic attenuation pattern": "MAP", "Peribronchial thickening": "PBT", "Pericardial effusion": "PCE",
+    "Pleural effusion": "PLE", "Pulmonary fibrotic sequela": "PFS",
+}
+RADCHEST_CLASSES = {  # paper Table 2 / 8 ("spetal" is "septal"; the column is "opacity")
+    "catheter_or_port": "COP", "lymphadenopathy": "LAP", "septal_thickening": "ST", "hernia": "HER",
+    "nodule": "NOD", "pericardial_effusion": "PCE", "scarring": "SCR", "bronchial_wall_thickening": "BWT",
+    "opacity": "OPC", "emphysema": "EMP", "cardiomegaly": "CDM", "pleural_effusion": "PLE",
+    "bronchiectasis": "BRE", "consolidation": "CON", "atelectasis": "ATL", "calcification": "CAL",
+}
+RATIC_COLUMNS = {  # evaluated columns, paper Table 9 order; the model has 11 outputs (model.py)
+    "any_injury": "AI", "bowel_healthy": "BH", "bowel_injury": "BI", "extravasation_healthy": "EH",
+    "extravasation_injury": "EI", "kidney_healthy": "KH", "kidney_high": "KHI", "kidney_low": "KL",
+    "liver_healthy": "LH", "liver_high": "LHI", "liver_low": "LL", "spleen_healthy": "SH",
+    "spleen_high": "SHI", "spleen_low": "SL",
+}
+SYNTHETIC_CLASSES = {  # synthetic.py's phantoms
+    "nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL", "cardiomegaly": "CDM",
+    "pleural_effusion": "PLE", "emphysema": "EMP",
+}
+# fmt: on
+CLASSES = {"ctrate": CTRATE_CLASSES, "radchest": RADCHEST_CLASSES, "ratic": RATIC_COLUMNS}
+CLASSES["synthetic"] = SYNTHETIC_CLASSES
+ABBREVIATIONS = {name: short for table in CLASSES.values() for name, short in table.items()}
+RATIC_SPLIT = (2500, 647)  # patients, paper §3.1
+
+
+def read_csv(path, columns):
+    """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: label file not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BadInput(f"{path}: missing column(s) {missing}")
+        return list(reader)
+
+
+def label_matrix(rows, columns, path):
+    try:
+        values = [[float(r[c]) for c in columns] for r in rows]
+    except (TypeError, ValueError) as error:
+        raise BadInput(f"{path}: non-numeric or empty label ({error})") from None
+    return np.array(values, np.float32).reshape(len(rows), len(columns))
+
+
+def find_file(root, name, max_depth=4):
+    """root/name, or the shallowest file of that name below root (datasets get unpacked at different depths);
+    breadth first, so the label files are found without listing tens of thousands of volumes."""
+    level = [root]
+    for _ in range(max_depth + 1):
+        for folder in level:
+            if os.path.isfile(os.path.join(folder, name)):
+                return os.path.join(folder, name)
+        level = [
+            e.path for folder in level for e in sorted(os.scandir(folder), key=lambda e: e.name) if e.is_dir()
+        ]
+    raise FileNotFoundError(f"no {name} under {root} (searched {max_depth} folders deep)")
+
+
+def ctrate_tables(root):
+    """Split as distributed: train, and valid as the test set. Groups = patients (train_<n>)."""
+    tables = {}
+    for split, name in (("train", "train_predicted_labels.csv"), ("test", "valid_predicted_labels.csv")):
+        path = find_file(root, name)
+        rows = read_csv(path, ["VolumeName", *CTRATE_CLASSES])
+        ids = [r["VolumeName"].split(".nii")[0] for r in rows]
+        tables[split] = (
+            ids,
+            label_matrix(rows, CTRATE_CLASSES, path),
+            ["_".join(i.split("_")[:2]) for i in ids],
+        )
+    return tables
+
+
+def radchest_tables(root):
+    """Class = max over the columns '<abnormality>*<location>' whose abnormality equals the class exactly
+    (so 'nodule' does not take 'nodulegr1cm'). Train + valid for training, test for testing (paper §3.1)."""
+    tables = {}
+    for split in ("train", "valid", "test"):
+        path = find_file(root, f"img{split}_Abnormality_and_Location_Labels.csv")
+        rows = read_csv(path, ["NoteAcc_DEID"])
+        header = list(rows[0]) if rows else []
+        groups = [[c for c in header if c.split("*")[0] == name] for name in RADCHEST_CLASSES]
+        absent = [name for name, cols in zip(RADCHEST_CLASSES, groups) if not cols]
+        if absent:
+            raise BadInput(f"{path}: no '<abnormality>*<location>' column for {absent}")
+        values = [label_matrix(rows, cols, path).max(1) for cols in groups]
+        ids = [r["NoteAcc_DEID"] for r in rows]
+        tables[split] = (ids, np.stack(values, 1).reshape(len(ids), -1), ids)
+    train, valid = tables.pop("train"), tables.pop("valid")
+    tables["train"] = (train[0] + valid[0], np.concatenate([train[1], valid[1]]), train[2] + valid[2])
+    return tables
+
+
+def ratic_split(patients, split_file, seed):
+    """{patient: "train" | "test"}: 2,500 / 647 at random, drawn once, saved to `split_file` and reused."""
+    if os.path.exists(split_file):
+        split_of = {r["patient_id"]: r["split"] for r in read_csv(split_file, ["patient_id", "split"])}
+        if set(split_of) != set(patients):
+            raise BadInput(
+                f"{split_file}: its patients differ from the label file's; delete it to draw a new split"
+            )
+        return split_of
+    order = np.random.default_rng(seed).permutation(sorted(patients))
+    n_test = round(len(order) * RATIC_SPLIT[1] / sum(RATIC_SPLIT))
+    split_of = {p: "test" if i < n_test else "train" for i, p in enumerate(order)}
+    utils.write_csv(split_file, ["patient_id", "split"], sorted(split_of.items()))
+    return split_of
+
+
+def ratic_tables(root, split_file, seed=0):
+    """One sample per series, carrying its patient's labels; groups = patients."""
+    label_path, series_path = find_file(root, "train.csv"), find_file(root, "train_series_meta.csv")
+    patients = {r["patient_id"]: r for r in read_csv(label_path, ["patient_id", *RATIC_COLUMNS])}
+    series = read_csv(series_path, ["patient_id", "series_id"])
+    unknown = [s["patient_id"] for s in series if s["patient_id"] not in patients]
+    if unknown:
+        raise BadInput(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
+    split_of = ratic_split(patients, split_file, seed)
+    tables = {}
+    for split in ("train", "test"):
+        chosen = [s for s in series if split_of[s["patient_id"]] == split]
+        ids = [f"{s['patient_id']}_{s['series_id']}" for s in chosen]
+        labels = label_matrix([patients[s["patient_id"]] for s in chosen], RATIC_COLUMNS, label_path)
+        tables[split] = (ids, labels, [s["patient_id"] for s in chosen])
+    return tables
+
+
+def synthetic_tables(root):
+    """Phantoms written by `python synthetic.py --write DIR`: DIR/labels.csv (case_id, split, classes)."""
+    path = os.path.join(root, "labels.csv")
+    rows = read_csv(path, ["case_id", "split", *SYNTHETIC_CLASSES])
+    tables = {}
+    for split in ("train", "val", "test"):
+        chosen = [r for r in rows if r["split"] == split]
+        ids = [r["case_id"] for r in chosen]
+        tables[split] = (ids, label_matrix(chosen, SYNTHETIC_CLASSES, path), ids)
+    return tables
+
+
+def hold_out(tables, fraction):
+    """Move a fraction of the training groups (patients) to a validation split, chosen by a stable hash."""
+    ids, labels, groups = tables["train"]
+    val = np.array([zlib.crc32(g.encode()) % 1000 < fraction * 1000 for g in groups], bool)
+    pick = lambda values, keep: [v for v, k in zip(values, keep) if k]  # noqa: E731
+    tables["train"] = (pick(ids, ~val), labels[~val], pick(groups, ~val))
+    tables["val"] = (pick(ids, val), labels[val], pick(groups, val))

@@ -1,0 +1,239 @@
+"""Plumbing shared by the scripts: atomic writes, torchrun setup, safe checkpoints and CSV logs.
+
+Nothing here is part of the method; it is kept out of the scripts so that they read as the paper does.
+"""
+
+import contextlib
+import csv
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary name beside `path` (hidden, same extension) and rename it over `path` on success:
+    a crash or kill -9 at any moment leaves the previous complete file or the new one, never half of one."""
+    folder, name = os.path.split(os.fspath(path))
+    stem, dot, extension = name.partition(".")
+    tmp = os.path.join(folder, f".{stem}.tmp{dot}{extension}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def write_csv(path, header, rows):
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def read_log(path, fields):
+    """Rows (dicts of str) of a log written by CSVLog; a torn last line (kill -9 while appending) is dropped.
+    Logs from before the header was introduced are refused: they would be read by position."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and reader.fieldnames != list(fields):
+            raise ValueError(
+                f"{path}: header {reader.fieldnames[:3]}... is not {list(fields)[:3]}... (a log from an "
+                "older version, without a header?); move it away or start a new --output-dir"
+            )
+        return [row for row in reader if None not in row.values() and all(row.values())]
+
+
+class CSVLog:
+    """An append-only CSV with a header line. Appending is not atomic, so `truncate` (on resume) rewrites the
+    file atomically with the rows to keep, which also drops a line torn by a kill."""
+
+    def __init__(self, path, fields):
+        self.path, self.fields = path, list(fields)
+
+    def append(self, rows):
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, self.fields)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def truncate(self, keep):
+        if os.path.exists(self.path):
+            rows = [r for r in read_log(self.path, self.fields) if keep(r)]
+            write_csv(self.path, self.fields, [[r[k] for k in self.fields] for r in rows])
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StepLog:
+    """Per-step training values, kept on the device and written every few steps (reading them back costs a
+    device synchronisation): averaged over processes, checked to be finite, appended to a CSVLog by rank 0,
+    and the last one printed."""
+
+    VALUES = ("loss", "cls_loss", "seg_loss", "grad_norm")
+
+    def __init__(self, path, fields, total_steps, skip_inf_grad=False):
+        self.log, self.total, self.skip_inf_grad, self.pending = (
+            CSVLog(path, fields),
+            total_steps,
+            skip_inf_grad,
+            [],
+        )
+
+    def add(self, values, **row):
+        """values: (4,) tensor of VALUES; row: the other columns (epoch, iteration, lr, data_time)."""
+        self.pending.append((row, values))
+
+    def flush(self):
+        values = all_mean(torch.stack([v for _, v in self.pending])).tolist()  # (steps, 4)
+        rows = [{**row, **dict(zip(self.VALUES, numbers))} for (row, _), numbers in zip(self.pending, values)]
+        self.pending = []
+        for r in rows:  # with fp16 the loss scaler skips steps with inf gradients itself (skip_inf_grad)
+            if not math.isfinite(r["loss"]) or not (math.isfinite(r["grad_norm"]) or self.skip_inf_grad):
+                shown = ", ".join(f"{k} {r[k]}" for k in self.VALUES)
+                raise NonFiniteLoss(
+                    f"non-finite values ({shown}) at epoch {r['epoch']} iteration {r['iteration']}; the last "
+                    "good checkpoint is kept. Lower --lr or check the input data."
+                )
+        if get_rank() == 0:
+            self.log.append(
+                [{k: f"{r[k]:.6g}" if isinstance(r[k], float) else r[k] for k in r} for r in rows]
+            )
+            r = rows[-1]
+            losses = f"loss {r['loss']:.4f}  cls {r['cls_loss']:.4f}  seg {r['seg_loss']:.4f}"
+            step = f"grad-norm {r['grad_norm']:.3f}  lr {r['lr']:.2e}  data-wait {r['data_time']:.3f}s"
+            print(f"epoch {r['epoch']} it {r['iteration'] + 1}/{self.total}  {losses}  {step}", flush=True)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def init_distributed(device):
+    """torchrun's environment variables -> (rank, world size, device); a plain `python` run is rank 0 of 1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world_size, device
+
+
+def unwrap(model):
+    """The model inside DistributedDataParallel (what is saved, evaluated and loaded)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def device_ids(device):
+    """DistributedDataParallel's device_ids: [the process's GPU], or None on CPU (gloo)."""
+    device = torch.device(device)
+    return [device.index] if device.type == "cuda" else None
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_mean(tensor):
+    """Mean over processes (SUM then divide: the one reduction both gloo and nccl support)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def gather_cases(indices, values, n):
+    """Rows `values` (lists of tensors) of cases `indices`, gathered from every process and put in case order;
+    checks that each of the n cases was seen exactly once (evaluation splits the cases, it does not pad)."""
+    local = (torch.cat(indices).numpy(), torch.cat(values).numpy())
+    parts = [local]
+    if dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+    order = np.concatenate([p[0] for p in parts])
+    if sorted(order.tolist()) != list(range(n)):
+        raise RuntimeError("evaluation did not see every case exactly once")
+    return np.concatenate([p[1] for p in parts])[np.argsort(order)]
+
+
+def amp_dtype(device):
+    """bf16 autocast (the paper's mixed precision); fp16 with loss scaling on GPUs without bf16."""
+    cuda = torch.device(device).type == "cuda"
+    return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
+
+
+def clip_grad_norm(parameters, max_norm):
+    """Gradient norm before clipping (what Figure 3 plots); max_norm 0 logs it without clipping."""
+    return torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path, state):
+    """One dict of tensors and plain Python types, written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path):
+    """Load with weights_only=True: only tensors and plain types are unpickled, so opening a checkpoint that
+    someone shared cannot run code hidden in it. Anything else is refused with a message naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
+        raise ValueError(
+            f"{path}: refused: the checkpoint holds pickled Python objects, not only tensors and plain types "
+            f"({reason or 'weights_only load failed'}). Checkpoints of this version never do; load it "
+            "yourself with torch.load(..., weights_only=False) only if you trust where it came from."
+        ) from None
+
+
+def check_resumable(checkpoint, current, path):
+    """A run resumes only with the settings it was trained with (else its steps and crops would not line up);
+    `current`: {setting: value now}, compared with the checkpoint's args and world size."""
+    saved = {**checkpoint["args"], "world_size": checkpoint["world_size"]}
+    for key, value in current.items():
+        if saved.get(key) != value:
+            raise ValueError(f"{path}: trained with {key}={saved.get(key)!r}, now {value!r}")
+
+
+def resume(path, model, optimizer, scaler, current=None):
+    """Load a checkpoint into model, optimizer and scaler (after check_resumable, unless `current` is None);
+    returns the checkpoint for its other entries (iteration, best_auc, ...)."""
+    checkpoint = load_checkpoint(path)
+    if current is not None:
+        check_resumable(checkpoint, current, path)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint
+
+
+class BadInput(ValueError):
+    """Data that cannot be used as it is; the message names the file or column."""
