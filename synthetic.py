@@ -21,6 +21,9 @@ from data import AIR_HU, REGIONS
 from labels import SYNTHETIC_CLASSES
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
+# The localised findings' difficulty: nodule radius (voxels of a 60-voxel-wide slice), drawn uniformly, and
+# how often a decoy nodule appears in a lobe no label is about. docs/synthetic_study.md: how they were chosen.
+NODULES = dict(radius=(2.5, 4.0), decoy_probability=0.5)
 
 
 def _ellipsoid(z, y, x, center, radii):
@@ -41,25 +44,49 @@ def _sphere_at(rng, candidates, shape, radius):
 def make_phantom(rng, shape=(40, 60, 60)):
     """One synthetic chest CT (int16 HU), its mask (chest scheme: 1-5 lobes, 6 heart) and its labels
     (SYNTHETIC_CLASSES). Patient's left is low x (RAS), anterior is high y, superior is high z."""
-    d, h, w = shape
-    u = min(h, w) / 60.0  # lengths below are for a 60-voxel-wide slice
+    u = min(shape[1:]) / 60.0  # lengths below are for a 60-voxel-wide slice
     labels = rng.random(len(SYNTHETIC_CLASSES)) < (0.35, 0.35, 0.3, 0.3, 0.3)
+    ct, mask, (z, y, x) = _anatomy(rng, shape, u, labels)
+    lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
+    for _ in range(25):  # vessels: small bright dots everywhere in the lungs
+        ct[_sphere_at(rng, lung_voxels, shape, u)] = -50
+    if labels[4]:  # emphysema: diffuse low-attenuation blobs, not tied to any lobe
+        for _ in range(40):
+            ct[_sphere_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u) & (mask > 0) & (mask < 6)] = -990
+    if labels[3]:  # effusion: fluid replacing the dependent base of one or both lungs
+        sides = [(1, 2), (3, 4, 5)][rng.integers(2)] if rng.random() < 0.6 else (1, 2, 3, 4, 5)
+        base = (z < 0.3 * shape[0] - 0.2 * shape[0] * y / (13 * u)) & np.isin(
+            mask, sides
+        )  # higher posteriorly
+        ct[base], mask[base] = 15, 0
+    lobe_nodules = [(3, labels[0]), (2, labels[1])]  # right upper, left lower
+    if rng.random() < NODULES["decoy_probability"]:  # a distractor nodule in a lobe no label is about
+        lobe_nodules.append((int(rng.choice([1, 4, 5])), True))
+    for lobe, present in lobe_nodules:
+        voxels = np.flatnonzero(mask.ravel() == lobe)
+        if present and voxels.size:
+            ct[_sphere_at(rng, voxels, shape, rng.uniform(*NODULES["radius"]) * u)] = 40
+    ct += rng.normal(0, 20, size=shape).astype(np.float32)
+    ct[(mask == 0) & (ct < -1000)] = AIR_HU
+    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32)
+
+
+def _anatomy(rng, shape, u, labels):
+    """Body, spine, five lobes and the heart: (ct float32 HU, mask uint8, (z, y, x) rotated coordinates)."""
+    d, h, w = shape
     angle = np.deg2rad(rng.uniform(-8, 8))
     shift = rng.uniform(-2, 2, size=2) * u
     z = np.arange(d, dtype=np.float32)[:, None, None]
     y0 = np.arange(h, dtype=np.float32)[None, :, None] - h / 2 - shift[0]
     x0 = np.arange(w, dtype=np.float32)[None, None, :] - w / 2 - shift[1]
     y, x = np.cos(angle) * y0 - np.sin(angle) * x0, np.sin(angle) * y0 + np.cos(angle) * x0  # rotated frame
-
-    ct = np.full(shape, AIR_HU, np.float32)
-    mask = np.zeros(shape, np.uint8)
+    ct, mask = np.full(shape, AIR_HU, np.float32), np.zeros(shape, np.uint8)
     body = (y / (20 * u * rng.uniform(0.93, 1.07))) ** 2 + (x / (27 * u * rng.uniform(0.93, 1.07))) ** 2
     body = np.broadcast_to(body, shape)
     ct[body <= 1] = -100  # subcutaneous fat
     ct[body <= 0.8] = 35  # soft tissue
     ct[np.broadcast_to((y + 15 * u) ** 2 + x**2 <= (4 * u) ** 2, shape)] = 400  # spine
-
-    lung_hu = -880 if labels[4] else -850
+    lung_hu = -880 if labels[4] else -850  # emphysema also lowers the lungs' attenuation a little
     scale = rng.uniform(0.9, 1.1)
     for side in (-1, 1):  # left lung: lobes 1-2; right lung: lobes 3-5
         center, radii = (0.55 * d, -u, side * 12 * u), (0.42 * d * scale, 13 * u * scale, 9 * u * scale)
@@ -72,41 +99,11 @@ def make_phantom(rng, shape=(40, 60, 60)):
         else:
             middle = ~lower & (vz < 0.05)  # below the horizontal fissure, anterior to the oblique one
             mask[lung & ~lower & ~middle], mask[lung & middle], mask[lung & lower] = 3, 4, 5
-
     heart_scale = rng.normal(1.0, 0.05) * (1.3 if labels[2] else 1.0)
-    heart = (
-        _ellipsoid(
-            z,
-            y,
-            x,
-            (0.3 * d, 6 * u, -3 * u),
-            (0.2 * d * heart_scale, 9 * u * heart_scale, 10 * u * heart_scale),
-        )
-        <= 1
-    )
+    radii = (0.2 * d * heart_scale, 9 * u * heart_scale, 10 * u * heart_scale)
+    heart = _ellipsoid(z, y, x, (0.3 * d, 6 * u, -3 * u), radii) <= 1
     ct[heart], mask[heart] = 40, 6
-
-    lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
-    for _ in range(25):  # vessels: small bright dots everywhere in the lungs
-        ct[_sphere_at(rng, lung_voxels, shape, u)] = -50
-    if labels[4]:  # emphysema: diffuse low-attenuation blobs, not tied to any lobe
-        for _ in range(40):
-            ct[_sphere_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u) & (mask > 0) & (mask < 6)] = -990
-    if labels[3]:  # effusion: fluid replacing the dependent base of one or both lungs
-        sides = [(1, 2), (3, 4, 5)][rng.integers(2)] if rng.random() < 0.6 else (1, 2, 3, 4, 5)
-        base = (z < 0.3 * d - 0.2 * d * y / (13 * u)) & np.isin(mask, sides)  # higher posteriorly
-        ct[base], mask[base] = 15, 0
-    lobe_nodules = [(3, labels[0]), (2, labels[1])]  # right upper, left lower
-    if rng.random() < 0.5:  # a distractor nodule in a lobe that no label is about
-        lobe_nodules.append((int(rng.choice([1, 4, 5])), True))
-    for lobe, present in lobe_nodules:
-        voxels = np.flatnonzero(mask.ravel() == lobe)
-        if present and voxels.size:
-            ct[_sphere_at(rng, voxels, shape, rng.uniform(2.5, 4) * u)] = 40
-
-    ct += rng.normal(0, 20, size=shape).astype(np.float32)
-    ct[(mask == 0) & (ct < -1000)] = AIR_HU
-    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32)
+    return ct, mask, (z, y, x)
 
 
 def synthetic_split(split, n, seed=0):
