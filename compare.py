@@ -54,7 +54,8 @@ def paired_bootstrap(y_true, probs_a, probs_b, resamples=1000, seed=0):
     return float(delta), float(low), float(high), float(p_value)
 
 
-def load_runs(folders, method, thresholds_from):
+def load_runs(folders, method, thresholds_from, per="auto"):
+    """Each run folder's config, test predictions (per case, or per patient for RATIC) and metrics."""
     runs = []
     for folder in folders:
         config_path = os.path.join(folder, "config.json")
@@ -64,20 +65,14 @@ def load_runs(folders, method, thresholds_from):
         path = os.path.join(folder, "predictions_test.csv")
         if not os.path.isfile(path):
             sys.exit(f"{path}: missing (did the run finish?)")
-        rows, macro = evaluate_predictions(path, method, thresholds_from, quiet=True)
+        rows, macro = evaluate_predictions(path, method, thresholds_from, quiet=True, per=per)
         dice_path = os.path.join(folder, "dice_test.json")
         key = (config["dataset"], config["model"], bool(config.get("pretrained")), config["seg"])
-        runs.append(
-            {
-                "folder": folder,
-                "key": key,
-                "seed": config["seed"],
-                **read_predictions(path),
-                "rows": rows,
-                "macro": macro,
-                "dice": json.load(open(dice_path)) if os.path.isfile(dice_path) else None,
-            }
+        run = dict(
+            folder=folder, key=key, seed=config["seed"], rows=rows, macro=macro, **read_predictions(path, per)
         )
+        run["dice"] = json.load(open(dice_path)) if os.path.isfile(dice_path) else None
+        runs.append(run)
     return runs
 
 
@@ -223,7 +218,7 @@ def figure3(runs, path):
 
 
 def main(args):
-    runs = load_runs(args.paths, args.threshold, args.thresholds_from)
+    runs = load_runs(args.paths, args.threshold, args.thresholds_from, args.per)
     text, records = comparison_report(runs, args.bootstrap, args.seed)
     where = "validation split" if args.thresholds_from == "val" else "evaluated set"
     method = "Youden's J" if args.threshold == "youden" else "closest to (0, 1)"

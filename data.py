@@ -14,6 +14,7 @@ Labels come from the files each dataset distributes (labels.py); volumes and mas
 import dataclasses
 import os
 import warnings
+import zlib
 from collections import OrderedDict
 
 import nibabel as nib
@@ -29,11 +30,12 @@ REGIONS = {  # paper Table 3; sizes (D, H, W)
     "chest": dict(window=(-1000, 200), pad=(120, 240, 240), crop=(96, 192, 192), structures=(
         "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
         "lung_middle_lobe_right", "lung_lower_lobe_right", "heart")),
-    "abdomen": dict(window=(-150, 250), pad=(192, 256, 256), crop=(160, 176, 192), structures=(
+    "abdomen": dict(window=(-150, 250), pad=(192, 256, 256), crop=(160, 192, 176), structures=(
         "liver", "spleen", "kidney_left", "kidney_right", "bowel")),
 }
 # fmt: on
 AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
+TINY_ML = 5.0  # a structure smaller than this is flagged as tiny in masks_summary.csv (a speck, not an organ)
 OPEN_VOLUMES = 64  # memory maps (CT + mask) a process keeps open; each costs one file descriptor
 
 
@@ -59,7 +61,9 @@ class Task:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
-def make_task(dataset, crop=None):
+def make_task(dataset, crop=None, pad=None):
+    """The Task of a dataset. A --crop other than the paper's scales the pad box with it (the paper's pad/crop
+    ratio per axis), so that a random crop still mostly covers the patient; --pad sets it explicitly."""
     region = "abdomen" if dataset == "ratic" else "chest"
     geometry = dict(REGIONS[region])
     if dataset == "synthetic":
@@ -67,9 +71,21 @@ def make_task(dataset, crop=None):
 
         geometry.update(pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
     if crop:
-        geometry.update(crop=tuple(crop), pad=tuple(max(p, c) for p, c in zip(geometry["pad"], crop)))
+        ratio = [p / c for p, c in zip(geometry["pad"], geometry["crop"])]
+        geometry.update(crop=tuple(crop), pad=tuple(int(np.ceil(c * r)) for c, r in zip(crop, ratio)))
+    if pad:
+        if any(p < c for p, c in zip(pad, geometry["crop"])):
+            raise BadInput(f"--pad {tuple(pad)} is smaller than the crop {geometry['crop']}")
+        geometry.update(pad=tuple(pad))
     kind = "ratic" if dataset == "ratic" else "multilabel"
     return Task(dataset, kind, region, tuple(labels.CLASSES[dataset]), **geometry)
+
+
+def mask_stamp(region):
+    """What make_masks.py writes into every mask's NIfTI description, checked for every case at training: the
+    region and a checksum of its label scheme (masks of the other region share labels 1-5)."""
+    scheme = ",".join(REGIONS[region]["structures"])
+    return f"make_masks region={region} labels={zlib.crc32(scheme.encode()):08x}"
 
 
 def normalize(ct, window):
@@ -121,7 +137,26 @@ def nifti_layout(path):
     dtype, offset = header.get_data_dtype(), int(header["vox_offset"])
     if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
         raise BadInput(f"{path}: file is shorter than its header says (truncated copy?)")
-    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine()}
+    description = header["descrip"].item().decode(errors="replace").strip("\x00 ")
+    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine(),
+            "description": description}  # fmt: skip
+
+
+def check_layouts(paths, layouts, stamp=None):
+    """A case's stored CT (and mask): make_masks.py's data types, one grid, the mask made for this region."""
+    for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
+        if layout["dtype"] != dtype:
+            raise BadInput(f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py)")
+    if len(paths) < 2:
+        return
+    (ct_path, mask_path), (ct, mask) = paths, layouts
+    if ct["shape"] != mask["shape"] or not np.allclose(ct["affine"], mask["affine"], atol=1e-3):
+        raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
+                       "(shape or affine)")  # fmt: skip
+    if stamp is not None and mask["description"] != stamp:
+        found = mask["description"] or "no region stamp (made by an older make_masks.py?)"
+        raise BadInput(f"{mask_path}: {found!r}, this run needs {stamp!r}: rerun make_masks.py with the "
+                       "right --region for these cases (a rerun redoes masks of another scheme)")  # fmt: skip
 
 
 class StoredVolumes:
@@ -130,31 +165,16 @@ class StoredVolumes:
     CT and mask grids compared, once here, so that bad files fail before training starts. Each process
     (DataLoader worker) keeps its most recently used maps open, up to OPEN_VOLUMES cases."""
 
-    def __init__(self, prep_dir, case_ids, with_mask, skip_missing=False):
+    def __init__(self, prep_dir, case_ids, with_mask, skip_missing=False, stamp=None):
         self.entries, self.kept, self.missing, self.maps = [], [], [], OrderedDict()
         for position, case in enumerate(case_ids):
-            paths = [
-                os.path.join(prep_dir, sub, f"{case}.nii")
-                for sub in (("ct", "mask") if with_mask else ("ct",))
-            ]
+            paths = [os.path.join(prep_dir, sub, f"{case}.nii") for sub in ("ct", "mask")[: 1 + with_mask]]
             absent = [p for p in paths if not os.path.exists(p)]
             if absent:
                 self.missing.append(absent[0])
                 continue
             layouts = [nifti_layout(p) for p in paths]
-            for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
-                if layout["dtype"] != dtype:
-                    raise BadInput(
-                        f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py)"
-                    )
-            if with_mask and (
-                layouts[0]["shape"] != layouts[1]["shape"]
-                or not np.allclose(layouts[0]["affine"], layouts[1]["affine"], atol=1e-3)
-            ):
-                raise BadInput(
-                    f"{paths[1]}: grid {layouts[1]['shape']} does not match its CT {paths[0]} "
-                    f"{layouts[0]['shape']} (shape or affine)"
-                )
+            check_layouts(paths, layouts, stamp)
             self.entries.append(list(zip(paths, layouts)))
             self.kept.append(position)
         if self.missing and not skip_missing:
@@ -281,35 +301,60 @@ def make_loader(dataset, args, train):
     )
 
 
+def check_prep_dir(prep_dir, data_path):
+    """Fail before anything is read or written if make_masks.py's output is not where the run looks, naming
+    the folder searched and any prepared folder found below --data-path (e.g. one level too high)."""
+    if os.path.isdir(os.path.join(prep_dir, "ct")):
+        return
+    found = []
+    for root, dirs, _ in os.walk(data_path or "."):
+        depth = os.path.relpath(root, data_path or ".").count(os.sep)
+        if {"ct", "mask"} <= set(dirs) and os.path.abspath(root) != os.path.abspath(prep_dir):
+            found.append(root)
+        dirs[:] = (
+            [] if depth >= 3 or len(found) >= 3 else [d for d in sorted(dirs) if d not in ("ct", "mask")]
+        )
+    hint = (
+        "; found prepared folder(s) " + ", ".join(found) + " (--prep-dir, or a --data-path one level down?)"
+    )
+    raise BadInput(f"no preprocessed volumes: {os.path.join(prep_dir, 'ct')} does not exist "
+                   f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})")  # fmt: skip
+
+
 def label_tables(args):
     """{split: (case ids, labels, patients)} of a dataset on disk."""
     if args.dataset == "ctrate":
         return labels.ctrate_tables(args.data_path)
     if args.dataset == "radchest":
         return labels.radchest_tables(args.data_path)
-    if args.dataset == "ratic":
-        os.makedirs(args.prep_dir, exist_ok=True)
+    if args.dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
         return labels.ratic_tables(
             args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed
         )
     return labels.synthetic_tables(args.data_path)
 
 
+def mask_report(prep_dir, case_ids):
+    """One line on the masks' quality control (make_masks.py's masks_summary.csv) for these cases."""
+    path = os.path.join(prep_dir, "masks_summary.csv")
+    if not os.path.exists(path):
+        return f"masks: no {path} (made by an older make_masks.py?), not checked"
+    rows = {r["case_id"]: r for r in labels.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
+    known = [rows[c] for c in case_ids if c in rows]
+    missing = [r for r in known if r["missing"]]
+    example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""
+    return (f"masks: {len(missing)} of {len(known)} case(s) miss a structure{example}; "
+            f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})")  # fmt: skip
+
+
 def build_datasets(args):
     """{split: CTDataset} and the run's Task."""
-    task = make_task(args.dataset, args.crop)
-    make = lambda cases, volumes, y, split, groups=None: CTDataset(  # noqa: E731
-        cases,
-        volumes,
-        y,
-        task.pad,
-        task.crop,
-        split == "train",
-        args.seed,
-        args.seg,
-        len(task.structures),
-        groups,
-    )
+    task = make_task(args.dataset, args.crop, args.pad)
+
+    def make(cases, volumes, y, split, groups=None):
+        options = dict(with_mask=args.seg, max_label=len(task.structures), groups=groups)
+        return CTDataset(cases, volumes, y, task.pad, task.crop, split == "train", args.seed, **options)
+
     if args.dataset == "synthetic" and not args.data_path:  # phantoms generated in memory
         import synthetic
 
@@ -317,22 +362,21 @@ def build_datasets(args):
         return {
             s: make(*synthetic.synthetic_split(s, n), s) for s, n in zip(("train", "val", "test"), sizes)
         }, task
+    check_prep_dir(args.prep_dir, args.data_path)
     tables = label_tables(args)
     if args.val_fraction and "val" not in tables:
         labels.hold_out(tables, args.val_fraction)
-    splits = {}
+    splits, stamp = {}, mask_stamp(task.region) if args.seg else None
     for split, (cases, y, groups) in tables.items():
-        volumes = StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing)
+        volumes = StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing, stamp)
         if volumes.missing:
             print(
                 f"{split}: skipped {len(volumes.missing)} case(s) without files: "
                 + ", ".join(volumes.missing)
             )
         if not volumes.kept:
-            raise BadInput(
-                f"the {split} split of {args.dataset} is empty (labels from {args.data_path}, volumes from "
-                f"{args.prep_dir})"
-            )
+            raise BadInput(f"the {split} split of {args.dataset} is empty (labels from {args.data_path}, "
+                           f"volumes from {args.prep_dir})")  # fmt: skip
         keep = volumes.kept
         splits[split] = make([cases[i] for i in keep], volumes, y[keep], split, [groups[i] for i in keep])
     return splits, task

@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
 import utils
-from labels import ABBREVIATIONS
+from labels import ABBREVIATIONS, RATIC_COLUMNS
 from model import probabilities, segment
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
@@ -154,9 +154,9 @@ def write_outputs(model, loaders, task, folder, seg=False, amp=False):
 # ----------------------------------------------------------------------------- predictions files
 
 
-def read_predictions(path):
-    """Predictions CSV (case_id, patient_id, true:<class>..., prob:<class>...) ->
-    {"cases", "patients", "y_true", "y_prob", "classes"}."""
+def read_predictions(path, per="case"):
+    """Predictions CSV (case_id, patient_id, true:<class>..., prob:<class>...) -> {"cases", "patients",
+    "y_true", "y_prob", "classes"}: a row per case, or per patient (by_patient) if per is "patient"/"auto"."""
     with open(path, newline="") as f:
         reader = csv.reader(f)
         header, rows = next(reader, None), list(reader)
@@ -168,13 +168,32 @@ def read_predictions(path):
     first = header.index(f"true:{names[0]}")
     values = np.array([[float(v) for v in r[first : first + 2 * len(names)]] for r in rows])
     patients = [r[header.index("patient_id")] if "patient_id" in header else r[0] for r in rows]
-    return {
-        "cases": [r[0] for r in rows],
-        "patients": patients,
-        "y_true": values[:, : len(names)],
-        "y_prob": values[:, len(names) :],
-        "classes": names,
-    }
+    cases = [r[0] for r in rows]
+    predictions = dict(cases=cases, patients=patients, y_true=values[:, : len(names)], classes=names)
+    predictions["y_prob"] = values[:, len(names) :]
+    return by_patient(predictions, path) if unit(per, names) == "patient" else predictions
+
+
+def unit(per, classes):
+    """What a row of the metrics is: RATIC is evaluated per patient (paper §3.1: 2,500 / 647 patients)."""
+    return ("patient" if set(classes) == set(RATIC_COLUMNS) else "case") if per == "auto" else per
+
+
+def by_patient(predictions, source="predictions"):
+    """A row per patient: the mean probability of the patient's cases (RATIC: series); their labels agree."""
+    order, group = np.unique(predictions["patients"], return_inverse=True)
+    counts = np.bincount(group)[:, None]
+    sums = {key: np.zeros((len(order), predictions[key].shape[1])) for key in ("y_true", "y_prob")}
+    for key, total in sums.items():
+        np.add.at(total, group, predictions[key])
+    y_true = sums["y_true"] / counts
+    if not np.all((y_true == 0) | (y_true == 1)):
+        raise ValueError(
+            f"{source}: the cases of one patient carry different labels; cannot evaluate per patient"
+        )
+    patients = [str(p) for p in order]
+    return dict(cases=patients, patients=patients, y_true=y_true, y_prob=sums["y_prob"] / counts,
+                classes=predictions["classes"], unit="patient")  # fmt: skip
 
 
 def write_predictions(path, case_ids, y_true, y_prob, class_names, patients=None):
@@ -205,50 +224,43 @@ def format_table(rows, macro, skipped, threshold_note):
     return "\n".join(lines)
 
 
-def validation_thresholds(path, method):
+def validation_thresholds(path, method, per="auto"):
     """Thresholds chosen on the run's predictions_val.csv (beside `path`), per class with both labels."""
     val_path = os.path.join(os.path.dirname(path), "predictions_val.csv")
     if not os.path.isfile(val_path):
         sys.exit(
             f"{val_path}: no validation predictions for --thresholds-from val (train with --val-fraction)"
         )
-    val = read_predictions(val_path)
-    y, p = val["y_true"], val["y_prob"]
-    thresholds = {
-        c: choose_threshold(y[:, k], p[:, k], method)
-        for k, c in enumerate(val["classes"])
-        if len(np.unique(y[:, k])) == 2
-    }
-    return thresholds, val_path
+    val = read_predictions(val_path, per)
+    y, p, classes = val["y_true"], val["y_prob"], val["classes"]
+    both = [k for k in range(len(classes)) if len(np.unique(y[:, k])) == 2]
+    return {classes[k]: choose_threshold(y[:, k], p[:, k], method) for k in both}, val_path
 
 
-def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=False):
-    """Compute, print and save (metrics_<split>.csv/.json beside `path`) the metrics of a predictions CSV."""
-    predictions = read_predictions(path)
+def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=False, per="auto"):
+    """Compute, print and save (metrics_<split>.csv/.json beside `path`) the metrics of a predictions CSV, per
+    case or per patient (per="auto": per patient for RATIC, per case otherwise)."""
+    predictions = read_predictions(path, per)
     method_name = "Youden's J" if method == "youden" else "closest to (0, 1)"
     thresholds, note = None, f"{method_name} on the evaluated set"
     if thresholds_from == "val":
-        thresholds, val_path = validation_thresholds(path, method)
+        thresholds, val_path = validation_thresholds(path, method, per)
         note = f"{method_name} on the validation split ({val_path})"
     y_true, y_prob, names = predictions["y_true"], predictions["y_prob"], predictions["classes"]
     rows, macro, skipped = compute_metrics(y_true, y_prob, names, method, thresholds)
     dice_path = path.replace("predictions_", "dice_").replace(".csv", ".json")
     dice = json.load(open(dice_path)) if os.path.isfile(dice_path) else None
+    units = predictions.get("unit", "case")
     if not quiet:
-        print(f"{path}: {len(y_true)} cases\n" + format_table(rows, macro, skipped, note))
+        averaged = " (their cases' probabilities averaged)" if units == "patient" else ""
+        print(f"{path}: {len(y_true)} {units}s{averaged}\n" + format_table(rows, macro, skipped, note))
         if dice:
             print("segmentation head Dice: " + "  ".join(f"{k} {v['dice']:.3f}" for k, v in dice.items()))
     stem = path[:-4].replace("predictions_", "metrics_")
-    summary = {
-        "predictions": os.path.basename(path),
-        "thresholds": note,
-        "cases": len(y_true),
-        "macro": macro,
-        "skipped": skipped,
-        "classes": rows,
-        "dice": dice,
-    }
-    utils.write_json(f"{stem}.json", summary)
+    summary = dict(predictions=os.path.basename(path), unit=units, thresholds=note, cases=len(y_true))
+    utils.write_json(
+        f"{stem}.json", {**summary, "macro": macro, "skipped": skipped, "classes": rows, "dice": dice}
+    )
     table = [
         [r["class"], *(r[m] for m in METRICS), r["threshold"], r["positives"], r["negatives"]] for r in rows
     ]
@@ -258,29 +270,25 @@ def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=Fa
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("paths", nargs="+", help="run folders (or one predictions CSV)")
-    parser.add_argument(
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run folders (or one predictions CSV)")
+    p.add_argument(
         "--threshold",
         default="youden",
         choices=("youden", "topleft"),
-        help="ROC-optimal threshold: Youden's J (default) or the point closest to (0, 1)",
+        help="Youden's J, or closest to (0, 1)",
     )
-    parser.add_argument(
-        "--thresholds-from",
-        default="test",
-        choices=("test", "val"),
-        help="choose thresholds on the evaluated set or on the run's validation split",
+    p.add_argument(
+        "--thresholds-from", default="test", choices=("test", "val"), help="evaluated set or validation"
     )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (several runs)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    parser.add_argument(
-        "--figure", help="several runs: write Figure 3 (grad-norm and loss curves) to this PNG"
+    p.add_argument(
+        "--per", default="auto", choices=("auto", "case", "patient"), help="auto: patient for RATIC"
     )
-    parser.add_argument("--output", help="several runs: text + JSON (default <first run>/../comparison.*)")
-    return parser
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (several runs)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--figure", help="several runs: write Figure 3 (grad-norm and loss curves) to this PNG")
+    p.add_argument("--output", help="several runs: text + JSON (default <first run>/../comparison.*)")
+    return p
 
 
 def main(args):
@@ -292,7 +300,7 @@ def main(args):
     path = os.path.join(path, "predictions_test.csv") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         sys.exit(f"{path}: no such predictions file")
-    return evaluate_predictions(path, args.threshold, args.thresholds_from)
+    return evaluate_predictions(path, args.threshold, args.thresholds_from, per=args.per)
 
 
 if __name__ == "__main__":

@@ -279,7 +279,7 @@ def chunked_segmentation_loss(seg_logits, mask, chunk):
 
 
 if __name__ == "__main__":
-    for name, crop in (("chest", (96, 192, 192)), ("abdomen", (160, 176, 192))):
+    for name, crop in (("chest", (96, 192, 192)), ("abdomen", (160, 192, 176))):
         for arch in ARCHS:
             with torch.device("meta"):
                 model = CTClassifier(arch, 18, crop, seg_classes=7)

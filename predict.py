@@ -16,8 +16,8 @@ import sys
 
 import torch
 
+import ct_io
 import data
-import make_masks
 import utils
 from labels import ABBREVIATIONS
 from model import build_model, probabilities
@@ -45,7 +45,7 @@ def predict(ct_path, checkpoint_path):
     """Print and return {class: probability} for one CT."""
     model, task, args = load_model(checkpoint_path)
     kind = "dicom" if os.path.isdir(ct_path) else "npz" if ct_path.endswith(".npz") else "nifti"
-    ct, _ = make_masks.preprocess_ct(*make_masks.read_case(kind, ct_path, None))
+    ct, _ = ct_io.preprocess_ct(*ct_io.read_case(kind, ct_path))
     ct = ct.transpose(2, 1, 0)  # NIfTI (x, y, z) -> (D, H, W)
     crop = data.read_window(ct, data.window_start(ct.shape, task.pad, task.crop), task.crop, data.AIR_HU)
     with torch.no_grad():

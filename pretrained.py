@@ -16,8 +16,10 @@ WEIGHTS = {
     "mvit": tv_video.MViT_V2_S_Weights.KINETICS400_V1,
     "swin": tv_video.Swin3D_T_Weights.KINETICS400_V1,
 }
+# Newly initialised: the 1-channel stem (for R3D-18 the whole stem, conv and BatchNorm: that BatchNorm's
+# Kinetics statistics belonged to the 3-channel conv's output) and the classifier head.
 REPLACED = {
-    "r3d": ("stem.0.", "fc."),
+    "r3d": ("stem.", "fc."),
     "mvit": ("conv_proj.", "head."),
     "swin": ("patch_embed.proj.", "head."),
 }
@@ -82,9 +84,9 @@ def load_pretrained(backbone, source):
             f"(is it the Kinetics-400 {backbone.arch} state dict?)"
         )
     backbone.net.load_state_dict(new, strict=False)
-    modules = ", ".join(sorted({s.split(".")[0] for s in skipped}))
+    modules = sorted({s.rsplit(".", 1)[0] for s in skipped})
     return [
         f"pretrained {backbone.arch} from {source}: loaded {len(new) - len(adapted)} tensors as they are, "
-        f"adapted {len(adapted)}, not used {len(skipped)} ({modules})",
+        f"adapted {len(adapted)}, not used {len(skipped)}: newly initialised {', '.join(modules)}",
         *(f"  adapted {a}" for a in adapted),
     ]

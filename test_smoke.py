@@ -29,7 +29,7 @@ def grid_sized(name):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("crop", [(96, 192, 192), (160, 176, 192)], ids=["chest", "abdomen"])
+@pytest.mark.parametrize("crop", [(96, 192, 192), (160, 192, 176)], ids=["chest", "abdomen"])
 def test_feature_maps_and_parameters_match_torchvision(arch, crop):
     with torch.device("meta"):
         ours = Backbone(arch, crop)
@@ -108,6 +108,25 @@ def test_chunked_segmentation_loss_equals_the_plain_one(size):
         # PyTorch computes the coordinate scale in single precision: agreement to ~1e-7, not to float64
         torch.testing.assert_close(loss, reference, rtol=0, atol=1e-6)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-7)
+
+
+def test_table3_sizes_in_our_axis_order():
+    """Table 3 writes x × y × z; arrays here are (D, H, W) = (z, y, x)."""
+    chest, abdomen = data.REGIONS["chest"], data.REGIONS["abdomen"]
+    assert chest["pad"] == (120, 240, 240) and chest["crop"] == (96, 192, 192)  # 240x240x120, 192x192x96
+    assert abdomen["pad"] == (192, 256, 256)  # 256 x 256 x 192
+    assert abdomen["crop"] == (160, 192, 176)  # 176 x 192 x 160
+    assert chest["window"] == (-1000, 200) and abdomen["window"] == (-150, 250)
+
+
+def test_a_smaller_crop_scales_the_pad_box():
+    """The pad box keeps the paper's pad/crop ratio, so a random crop still mostly covers the patient."""
+    assert data.make_task("radchest", crop=(32, 48, 48)).pad == (40, 60, 60)
+    assert data.make_task("ratic", crop=(80, 96, 88)).pad == (96, 128, 128)
+    assert data.make_task("ratic", crop=(80, 96, 88), pad=(90, 100, 100)).pad == (90, 100, 100)
+    assert data.make_task("radchest").pad == (120, 240, 240)
+    with pytest.raises(data.BadInput, match="smaller than the crop"):
+        data.make_task("radchest", crop=(32, 48, 48), pad=(30, 60, 60))
 
 
 def test_window_and_padding_known_answers():

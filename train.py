@@ -67,7 +67,8 @@ def get_args_parser():
     p.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
     p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N iterations")
     p.add_argument("--max-steps", type=int, help="stop each epoch after N steps (short runs)")
-    p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="override the crop")
+    p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="another crop (the pad scales)")
+    p.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="override the pad box")
     p.add_argument("--synthetic-cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
     return p
 
@@ -179,8 +180,12 @@ def prepare_logs(args, iteration):
 def validate(model, loaders, task, args, epoch, iteration, seconds):
     """Macro AUC on the validation split; without one the test split's is printed, for monitoring only."""
     name = "val" if "val" in loaders else "test"
+    dataset = loaders[name].dataset
     y_prob = evaluate.predict_split(utils.unwrap(model), loaders[name], task, args.amp)
-    rows, macro, _ = evaluate.compute_metrics(loaders[name].dataset.labels, y_prob, task.classes)
+    scores = dict(y_true=dataset.labels, y_prob=y_prob, patients=dataset.groups, classes=task.classes)
+    if task.kind == "ratic":  # evaluated per patient, as the test split (evaluate.unit)
+        scores = evaluate.by_patient(scores)
+    rows, macro, _ = evaluate.compute_metrics(scores["y_true"], scores["y_prob"], task.classes)
     if utils.get_rank() == 0:
         aucs = "  ".join(f"{r['class']} {100 * r['auc']:.1f}" for r in rows)
         print(f"epoch {epoch} done in {seconds:.0f}s: {name} macro AUC {100 * macro['auc']:.2f}  {aucs}")
@@ -213,6 +218,11 @@ def prepare_run(args):
         print(f"  crop {task.crop} (D, H, W), HU window {task.window}, {len(task.classes)} classes")
         effective = f"{processes} process(es) x batch {args.batch_size} = {processes * args.batch_size}"
         print(f"  cases: {cases}; effective batch: {effective}")
+        if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
+            print(
+                "  "
+                + data.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
+            )
     return splits, task
 
 

@@ -20,8 +20,8 @@ def atomic_path(path):
     """Yield a temporary name beside `path` (hidden, same extension) and rename it over `path` on success:
     a crash or kill -9 at any moment leaves the previous complete file or the new one, never half of one."""
     folder, name = os.path.split(os.fspath(path))
-    stem, dot, extension = name.partition(".")
-    tmp = os.path.join(folder, f".{stem}.tmp{dot}{extension}")
+    extension = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+    tmp = os.path.join(folder, f".{name[: len(name) - len(extension)]}.tmp{extension}")
     try:
         yield tmp
         os.replace(tmp, path)

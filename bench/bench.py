@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import ct_io  # noqa: E402
 import data  # noqa: E402
-import make_masks  # noqa: E402
 import train  # noqa: E402
 from model import ARCHS, CTClassifier, compute_loss  # noqa: E402
 
@@ -53,7 +53,7 @@ def write_case(folder, shape_dhw=(120, 240, 240), seed=0, case="case"):
     affine = np.diag([1.5, 1.5, 3.0, 1.0])
     for sub, array in (("ct", ct), ("mask", mask)):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        make_masks.save_atomic(array, affine, make_masks.Path(folder) / sub / f"{case}.nii")
+        ct_io.save_nifti(array, affine, os.path.join(folder, sub, f"{case}.nii"))
     nib.save(nib.Nifti1Image(ct, affine), os.path.join(folder, f"{case}.nii.gz"))
 
 

@@ -5,6 +5,7 @@ stores them (LPS NIfTI, RAD-ChestCT .npz, DICOM series), with TotalSegmentator-s
 """
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+import ct_io
 import labels
-import make_masks
 import model
 import synthetic
-import train
+from helpers import make_masks_cli, train_cli
 
 TS_IDS = {1: 10, 2: 11, 3: 12, 4: 13, 5: 14, 6: 51}  # chest label -> TotalSegmentator 'total' id
 CTCLIP_ORDER = [  # the order of the columns in the distributed CSV (not the report order)
@@ -74,20 +75,13 @@ def write_csv(path, header, rows):
         csv.writer(f).writerows([header, *rows])
 
 
-def run_make_masks(src, dst, region, ts):
-    make_masks.main(
-        make_masks.get_args_parser().parse_args(
-            ["--src", str(src), "--dst", str(dst), "--region", region, "--from-totalseg", str(ts)]
-        )
-    )
+def run_make_masks(src, dst, region, ts, *extra):
+    make_masks_cli("--src", src, "--dst", dst, "--region", region, "--from-totalseg", ts, *extra)
 
 
 def run_train(dataset, root, out, *extra):
     short = "--seg --epochs 1 --max-steps 2 -b 2 -j 0 --crop 32 48 48".split()
-    args = train.get_args_parser().parse_args(
-        ["--dataset", dataset, "--data-path", str(root), *short, "--output-dir", str(out), *extra]
-    )
-    train.main(args)
+    train_cli("--dataset", dataset, "--data-path", root, *short, "--output-dir", out, *extra)
     with open(out / "predictions_test.csv") as f:
         return list(csv.DictReader(f))
 
@@ -203,15 +197,13 @@ def radchest(tmp_path):
         rows = []
         for i, case in enumerate(ids):
             ct, ts = phantom(i, split)
-            np.savez_compressed(
-                root / "volumes" / f"{case}.npz",
-                ct=np.ascontiguousarray(ct[::-1, ::-1, ::-1].transpose(2, 1, 0)),
-            )
-            _, affine = make_masks.read_npz(root / "volumes" / f"{case}.npz")
-            nib.save(
-                nib.Nifti1Image(ts[::-1, ::-1, ::-1].transpose(2, 1, 0).copy(), affine),
-                ts_dir / f"{case}.nii.gz",
-            )
+            stored = np.ascontiguousarray(ct[::-1, ::-1, ::-1].transpose(2, 1, 0))  # S->I, A->P, R->L
+            np.savez_compressed(root / "volumes" / f"{case}.npz", ct=stored)
+            # the map of a header-less volume: same axes, but an origin and spacing of the converter's choice
+            affine = ct_io.npz_affine(spacing=1.0)
+            affine[:3, 3] = [12.5, -40.0, 7.0]
+            map_ = np.ascontiguousarray(ts[::-1, ::-1, ::-1].transpose(2, 1, 0))
+            nib.save(nib.Nifti1Image(map_, affine), ts_dir / f"{case}.nii.gz")
             rows.append([case, *rng.integers(0, 2, len(columns))])
         rows[0][1:] = [0] * len(columns)
         rows[1][1:] = [1] * len(columns)
@@ -237,12 +229,40 @@ def test_radchest_classes_match_abnormality_names_exactly(radchest):
     assert tables["test"][0] == ["tst00001", "tst00002", "tst00003"]
 
 
-def test_radchest_trains_and_keeps_lobes_on_their_side(radchest, tmp_path):
+def test_radchest_trains_and_keeps_lobes_on_their_side(radchest, tmp_path, capsys):
     rows = run_train("radchest", radchest, tmp_path / "run")
     assert [r["case_id"] for r in rows] == ["tst00001", "tst00002", "tst00003"]
     assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(labels.RADCHEST_CLASSES)
     mask = np.asarray(nib.load(radchest / "prep" / "mask" / "trn00001.nii").dataobj)  # RAS (x, y, z)
     assert np.argwhere(mask == 1)[:, 0].mean() < np.argwhere(mask == 3)[:, 0].mean()  # left lung at low x
+    assert "masks: 0 of 9 case(s) miss a structure" in capsys.readouterr().out  # from masks_summary.csv
+
+
+def test_radchest_map_in_another_orientation_is_refused(radchest, tmp_path):
+    ts_dir = tmp_path / "rad_totalseg"
+    case = ts_dir / "trn00002.nii.gz"
+    img = nib.load(case)  # an export that dropped the axes: the .npz array saved with an identity affine
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), np.eye(4)), case)
+    with pytest.raises(SystemExit, match=r"trn00002.nii.gz: shape .* \(RAS\) does not match the CT's"):
+        run_make_masks(radchest, tmp_path / "prep2", "chest", ts_dir)
+
+
+def test_masks_of_the_other_region_are_refused_before_training(radchest, tmp_path):
+    """Abdomen labels 1-5 fit inside the chest scheme 0-6: only the mask's stamp tells them apart."""
+    run_make_masks(radchest, tmp_path / "prep_abdomen", "abdomen", tmp_path / "rad_totalseg")
+    with pytest.raises(SystemExit, match=r"prep_abdomen/mask/\w+.nii: 'make_masks region=abdomen"):
+        run_train("radchest", radchest, tmp_path / "run", "--prep-dir", tmp_path / "prep_abdomen")
+    assert not (tmp_path / "run" / "iterations.csv").exists()
+
+
+def test_data_path_one_level_too_high_names_the_folders(radchest, ratic, tmp_path):
+    found = r"prep/ct does not exist \(found prepared folder\(s\) .*RAD-ChestCT/prep"
+    with pytest.raises(SystemExit, match=found):
+        run_train("radchest", tmp_path, tmp_path / "run")
+    (ratic / "prep" / "ratic_split.csv").unlink(missing_ok=True)
+    with pytest.raises(SystemExit, match=r"rsna-2023-abdominal-trauma-detection/prep \(--prep-dir"):
+        run_train("ratic", ratic.parent, tmp_path / "run")
+    assert not list(tmp_path.rglob("ratic_split.csv")), "nothing is written before the inputs are validated"
 
 
 def write_dicom_series(folder, volume, position, signed_12_bit):
@@ -308,13 +328,13 @@ def ratic(tmp_path):
         }
         row["any_injury"] = int(bowel or extravasation or any(organs.values()))
         label_rows.append([row[c] for c in RATIC_TRAIN_CSV])
-        for s in range(1 + p % 2):
+        for s in range(1 if p == 0 else 2):  # most patients have two series
             series = str(200 + 11 * p + s)
             ct, ts = phantom(p, "ratic")
             write_dicom_series(
                 root / "train_images" / patient / series, ct, (-30.0, -30.0, -100.0), signed_12_bit=s == 0
             )
-            hu, affine = make_masks.read_dicom_series(root / "train_images" / patient / series)
+            hu, affine = ct_io.read_dicom_series(root / "train_images" / patient / series)
             np.testing.assert_array_equal(hu, ct[::-1, ::-1])
             nib.save(
                 nib.Nifti1Image(np.ascontiguousarray(ts[::-1, ::-1]), affine),
@@ -355,6 +375,9 @@ def test_ratic_trains_with_its_heads(ratic, tmp_path):
         assert math.isclose(p["bowel_healthy"] + p["bowel_injury"], 1, abs_tol=1e-5)
         assert math.isclose(p["kidney_healthy"] + p["kidney_low"] + p["kidney_high"], 1, abs_tol=1e-5)
     assert (ratic / "prep" / "ratic_split.csv").exists()
+    metrics = json.loads((tmp_path / "run" / "metrics_test.json").read_text())
+    patients = {r["patient_id"] for r in rows}  # the predictions are per series, the metrics per patient
+    assert metrics["unit"] == "patient" and metrics["cases"] == len(patients) < len(rows)
 
 
 def test_any_injury_is_one_minus_product_of_healthy():

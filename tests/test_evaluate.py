@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import prepared_synthetic, train_cli
 from sklearn.metrics import roc_auc_score
 
 import compare
 import evaluate
+import labels
 import predict
 import train
 import utils
+from helpers import prepared_synthetic, train_cli
 
 
 def test_auc_columns_match_sklearn_with_ties():
@@ -145,3 +146,29 @@ def test_predict_one_ct_matches_the_training_pipeline(tmp_path, capsys):
         assert math.isclose(p, float(row[f"prob:{name}"]), abs_tol=2e-5)
     out = capsys.readouterr().out
     assert "thresholds from" in out and "metrics_val.json" in out and ("POSITIVE" in out or "negative" in out)
+
+
+def test_per_patient_evaluation_averages_a_patients_series(tmp_path):
+    classes = list(labels.RATIC_COLUMNS)
+    y = np.zeros((5, len(classes)))
+    y[:2, 0] = 1  # patient a (two series) has any_injury; b (two series) and c (one) do not
+    p = np.full((5, len(classes)), 0.5)
+    p[:, 0] = [0.9, 0.5, 0.2, 0.4, 0.6]
+    path = tmp_path / "predictions_test.csv"
+    evaluate.write_predictions(
+        path, ["a_1", "a_2", "b_1", "b_2", "c_1"], y, p, classes, ["a", "a", "b", "b", "c"]
+    )
+    per_patient = evaluate.read_predictions(str(path), per="auto")  # RATIC columns: per patient
+    assert per_patient["cases"] == ["a", "b", "c"] and per_patient["unit"] == "patient"
+    np.testing.assert_allclose(per_patient["y_prob"][:, 0], [0.7, 0.3, 0.6])  # series means
+    np.testing.assert_array_equal(per_patient["y_true"][:, 0], [1, 0, 0])
+    assert len(evaluate.read_predictions(str(path), per="case")["cases"]) == 5
+    rows, macro = evaluate.evaluate_predictions(str(path), quiet=True)
+    assert json.loads((tmp_path / "metrics_test.json").read_text())["cases"] == 3
+    assert rows[0]["class"] == "any_injury" and rows[0]["auc"] == 1.0  # 0.7 above 0.3 and 0.6
+    y[1, 0] = 0  # the series of one patient disagree: not a patient-level label
+    evaluate.write_predictions(
+        path, ["a_1", "a_2", "b_1", "b_2", "c_1"], y, p, classes, ["a", "a", "b", "b", "c"]
+    )
+    with pytest.raises(ValueError, match="different labels"):
+        evaluate.read_predictions(str(path), per="patient")

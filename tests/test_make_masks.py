@@ -5,6 +5,7 @@ The example CT (3 mm, upper abdomen) and TotalSegmentator's own fast-mode output
 """
 
 import csv
+import json
 import shutil
 import signal
 import subprocess
@@ -16,8 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import ct_io
+import data
 import make_masks
 import synthetic
+from helpers import make_masks_cli, train_cli
 from totalseg_standin import make_standin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,14 +31,11 @@ pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator e
 # example_seg_fast.nii.gz, from its README: liver 39350, spleen 9630, kidney_left 3676, kidney_right 3996,
 # bowel = stomach 4748 + duodenum 1018 + small_bowel 991 + colon 12772 + esophagus 0
 REFERENCE_COUNTS = {1: 39350, 2: 9630, 3: 3676, 4: 3996, 5: 4748 + 1018 + 991 + 12772}
+STAMP = data.mask_stamp("abdomen")
 
 
 def run(src, dst, region="abdomen", *extra):
-    make_masks.main(
-        make_masks.get_args_parser().parse_args(
-            ["--src", str(src), "--dst", str(dst), "--region", region, "--device", "cpu", *extra]
-        )
-    )
+    make_masks_cli("--src", src, "--dst", dst, "--region", region, "--device", "cpu", *extra)
 
 
 def stored(dst, case):
@@ -52,6 +53,10 @@ def example_case(tmp_path):
     return tmp_path
 
 
+def run_example(example_case, out="out", *extra):
+    run(example_case / "src", example_case / out, "abdomen", "--from-totalseg", example_case / "ts", *extra)
+
+
 def test_merged_labels_equal_reference_class_sums():
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_fast.nii.gz").dataobj)
     counts = np.bincount(make_masks.label_lut("abdomen")[seg].ravel(), minlength=6)
@@ -62,7 +67,7 @@ def test_merged_labels_equal_reference_class_sums():
 
 
 def test_from_totalseg_on_the_example(example_case):
-    run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
+    run_example(example_case)
     ct, mask, ct_affine, mask_affine = stored(example_case / "out", "example")
     source = nib.load(EXAMPLE / "example_ct_sm.nii.gz")  # RAS, 3 mm: only x and y are refined to 1.5 mm
     assert ct.shape == mask.shape == (243, 201, 30) and ct.dtype == np.int16 and mask.dtype == np.uint8
@@ -72,13 +77,31 @@ def test_from_totalseg_on_the_example(example_case):
     np.testing.assert_array_equal(ct[::2, ::2], np.clip(source.get_fdata(), -1000, 1000))
     counts = np.bincount(mask.ravel(), minlength=6)
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == {k: 4 * v for k, v in REFERENCE_COUNTS.items()}
+    assert data.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
+
+
+def test_quality_control_summary_and_preview(example_case):
+    run_example(example_case, "out", "--preview", "1")
+    with open(example_case / "out" / "masks_summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    # 3 x 3 x 3 mm voxels of the reference map, each resampled into four 1.5 x 1.5 x 3 mm ones
+    for label, structure in enumerate(data.REGIONS["abdomen"]["structures"], start=1):
+        assert float(row[f"{structure}_ml"]) == pytest.approx(REFERENCE_COUNTS[label] * 27 / 1000, abs=0.01)
+    assert row["missing"] == "" and row["tiny"] == ""
+    assert float(row["extent_z_mm"]) == 30 * 3.0 and float(row["extent_x_mm"]) == 243 * 1.5
+    assert "liver" in row["edge"].split(";")  # a 30-slice excerpt of a scan cuts through the liver
+    assert (example_case / "out" / "preview" / "example.png").stat().st_size > 20_000
+    mask = np.asarray(nib.load(example_case / "out" / "mask" / "example.nii").dataobj)
+    mask[mask == 2] = 0  # no spleen: reported as missing
+    qc = make_masks.mask_qc("x", mask, np.diag([1.5, 1.5, 3.0, 1]), "abdomen")
+    assert qc["missing"] == "spleen" and qc["spleen_ml"] == 0
 
 
 def test_dicom_series_matches_reference_reader_and_grid():
     import SimpleITK as sitk
 
     folder = EXAMPLE / "example_ct_dicom"
-    hu, affine = make_masks.read_dicom_series(folder)
+    hu, affine = ct_io.read_dicom_series(folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
     image = reader.Execute()
@@ -90,19 +113,18 @@ def test_dicom_series_matches_reference_reader_and_grid():
     np.testing.assert_allclose(affine, np.diag([-1, -1, 1, 1]) @ lps, atol=1e-6)
     assert hu.min() == -1024 and hu.shape == (512, 512, 20)
     seg = nib.load(EXAMPLE / "example_seg_dicom.nii.gz")  # TotalSegmentator's output, stored L,A,S
-    assert make_masks.same_voxels(seg.shape, seg.affine, hu.shape, affine)
+    assert ct_io.same_voxels(seg.shape, seg.affine, hu.shape, affine)
     # every world point of our voxel (i, j, k) is TotalSegmentator's voxel (i, 511 - j, k)
     ijk = np.array([[0, 0, 0, 1], [511, 100, 19, 1], [37, 511, 5, 1]]).T
-    np.testing.assert_allclose(
-        affine @ ijk, seg.affine @ (ijk * [[1], [-1], [1], [1]] + [[0], [511], [0], [0]]), atol=1e-3
-    )
+    theirs = ijk * [[1], [-1], [1], [1]] + [[0], [511], [0], [0]]
+    np.testing.assert_allclose(affine @ ijk, seg.affine @ theirs, atol=1e-3)
 
 
 def test_dicom_through_make_masks_with_existing_totalseg(tmp_path):
     shutil.copytree(EXAMPLE / "example_ct_dicom", tmp_path / "src" / "patient7" / "series3")
     (tmp_path / "ts").mkdir()
     shutil.copy(EXAMPLE / "example_seg_dicom.nii.gz", tmp_path / "ts" / "patient7_series3.nii.gz")
-    run(tmp_path / "src", tmp_path / "out", "abdomen", "--from-totalseg", str(tmp_path / "ts"))
+    run(tmp_path / "src", tmp_path / "out", "abdomen", "--from-totalseg", tmp_path / "ts")
     ct, mask, affine, _ = stored(tmp_path / "out", "patient7_series3")
     assert ct.shape == mask.shape and np.allclose(np.diag(affine)[:3], [1.5, 1.5, 3.0])
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_dicom.nii.gz").dataobj)
@@ -125,7 +147,7 @@ def write_flipped(src_path, dst_path):
 def test_lps_storage_gives_the_same_preprocessed_case(example_case):
     write_flipped(EXAMPLE / "example_ct_sm.nii.gz", example_case / "src" / "flipped.nii.gz")
     write_flipped(EXAMPLE / "example_seg_fast.nii.gz", example_case / "ts" / "flipped.nii.gz")
-    run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
+    run_example(example_case)
     for a, b in zip(stored(example_case / "out", "example"), stored(example_case / "out", "flipped")):
         np.testing.assert_array_equal(a, b)
 
@@ -138,66 +160,114 @@ def test_radchest_npz_keeps_the_patients_left_on_the_left(tmp_path):
     volume[2:6, 3:7, 22:27] = 800  # near the top slice, anterior rows, columns towards the patient's left
     (tmp_path / "src").mkdir()
     np.savez_compressed(tmp_path / "src" / "trn00001.npz", ct=volume)
-    hu, affine = make_masks.read_npz(tmp_path / "src" / "trn00001.npz")
+    hu, affine = ct_io.read_npz(tmp_path / "src" / "trn00001.npz")
     assert nib.aff2axcodes(affine) == ("I", "P", "L")
-    shape, out_affine = make_masks.target_grid(hu.shape, affine)
-    ct = make_masks.resample(hu, affine, shape, out_affine, 1, -1024)  # RAS (x, y, z)
+    shape, out_affine = ct_io.target_grid(hu.shape, affine)
+    ct = ct_io.resample(hu, affine, shape, out_affine, 1, -1024)  # RAS (x, y, z)
     x, y, z = np.argwhere(ct > 400).mean(0) / np.array(ct.shape)
     assert x < 0.3 and y > 0.7 and z > 0.8
 
 
-def test_ctrate_original_files_with_metadata(example_case):
-    """An original CT-RATE file has stored values and a blank header; --metadata restores HU and geometry."""
+def write_ctrate_original(example_case, intercept, name="train_1_a_1"):
+    """An original CT-RATE file: stored values (HU - intercept, never negative), a blank header, and its row
+    of the metadata CSV; the out-of-field-of-view fill is stored as 0."""
     source = nib.load(EXAMPLE / "example_ct_sm.nii.gz")
-    raw = np.asarray(source.dataobj).astype(np.int32) + 1024  # stored = HU - intercept
-    (example_case / "raw").mkdir()
-    nib.save(nib.Nifti1Image(raw, np.eye(4)), example_case / "raw" / "train_1_a_1.nii.gz")
+    raw = np.clip(np.asarray(source.dataobj).astype(np.int32) - intercept, 0, None)  # unsigned, as stored
+    raw[:10, :10] = 0  # out of the field of view: intercept HU (-8192 on some scanners)
+    (example_case / "raw").mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), example_case / "raw" / f"{name}.nii.gz")
     lps = np.diag([-1, -1, 1, 1]) @ source.affine
-    row = {
-        "VolumeName": "train_1_a_1.nii.gz",
-        "RescaleSlope": "1",
-        "RescaleIntercept": "-1024",
-        "XYSpacing": "[3.0, 3.0]",
-        "ZSpacing": "3.0",
-        "ImagePositionPatient": str(lps[:3, 3].tolist()),
-        "ImageOrientationPatient": str((np.concatenate([lps[:3, 0], lps[:3, 1]]) / 3).tolist()),
-    }
+    orientation = (np.concatenate([lps[:3, 0], lps[:3, 1]]) / 3).tolist()
+    row = {"VolumeName": f"{name}.nii.gz", "RescaleSlope": "1", "RescaleIntercept": str(intercept),
+           "XYSpacing": "[3.0, 3.0]", "ZSpacing": "3.0", "ImagePositionPatient": str(lps[:3, 3].tolist()),
+           "ImageOrientationPatient": str(orientation)}  # fmt: skip
     with open(example_case / "train_metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(row))
         writer.writeheader()
         writer.writerow(row)
-    shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", example_case / "ts" / "train_1_a_1.nii.gz")
+    shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", example_case / "ts" / f"{name}.nii.gz")
+
+
+@pytest.mark.parametrize("intercept", [-1024, -8192])
+def test_ctrate_original_files_with_metadata(example_case, intercept):
+    """--metadata restores HU and geometry of an original file, whatever its RescaleIntercept."""
+    write_ctrate_original(example_case, intercept)
+    source = nib.load(EXAMPLE / "example_ct_sm.nii.gz")  # the reference: the same HU a stored value can hold
+    hu = np.maximum(np.asarray(source.dataobj).astype(np.int32), intercept)
+    nib.save(nib.Nifti1Image(hu, source.affine), example_case / "src" / "example.nii.gz")
+    metadata = ("--metadata", example_case / "train_metadata.csv")
     run(
         example_case / "raw",
         example_case / "out_raw",
         "abdomen",
         "--from-totalseg",
-        str(example_case / "ts"),
-        "--metadata",
-        str(example_case / "train_metadata.csv"),
+        example_case / "ts",
+        *metadata,
     )
-    run(example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts"))
-    for a, b in zip(stored(example_case / "out", "example"), stored(example_case / "out_raw", "train_1_a_1")):
+    run_example(example_case)
+    reference, original = (
+        stored(example_case / "out", "example"),
+        stored(example_case / "out_raw", "train_1_a_1"),
+    )
+    near = np.zeros(reference[0].shape, bool)
+    near[:20, :20] = True  # the corner stored as 0 (and its interpolated border)
+    np.testing.assert_array_equal(original[0][~near], reference[0][~near])
+    assert (original[0][:19, :19] == -1000).all()  # -1024 or -8192 HU, clipped to -1000
+    for a, b in zip(reference[1:], original[1:]):  # mask and affines
         np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_ctrate_fixed_file_given_with_metadata_is_refused(example_case):
+    write_ctrate_original(example_case, -1024)
     shutil.copy(EXAMPLE / "example_ct_sm.nii.gz", example_case / "raw" / "train_1_a_1.nii.gz")  # HU already
-    with pytest.raises(SystemExit, match="already HU"):
+    metadata = ("--metadata", example_case / "train_metadata.csv")
+    message = (
+        r"train_1_a_1.nii.gz: .*never negative: this is already HU \(a \*_fixed file.*without --metadata"
+    )
+    with pytest.raises(SystemExit, match=message):
         run(
             example_case / "raw",
-            example_case / "out_fixed",
+            example_case / "out",
             "abdomen",
             "--from-totalseg",
-            str(example_case / "ts"),
-            "--metadata",
-            str(example_case / "train_metadata.csv"),
+            example_case / "ts",
+            *metadata,
         )
 
 
 def test_ctrate_case_missing_from_its_segmentation_folder_is_reported(example_case):
     (example_case / "ts" / "example.nii.gz").rename(example_case / "ts" / "other.nii.gz")
     with pytest.raises(SystemExit, match="example.nii.gz.*no TotalSegmentator file named example"):
-        run(
-            example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts")
-        )
+        run_example(example_case)
+
+
+def test_inputs_are_searched_without_the_maps_and_with_exclusions(example_case):
+    """A dataset root holding the volumes and, beside them, folders of segmentations: the --from-totalseg
+    folder is not taken for input, and other folders can be excluded with --exclude."""
+    root = example_case / "src"
+    shutil.move(example_case / "ts", root / "segmentations")  # the maps under --src
+    run(root, example_case / "out", "abdomen", "--from-totalseg", root / "segmentations")
+    assert make_masks.is_done(example_case / "out", "example", STAMP)
+    (root / "other_maps").mkdir()
+    shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", root / "other_maps" / "example.nii.gz")
+    with pytest.raises(SystemExit, match=r"two inputs give case id example: .* --exclude 'other_maps/\*'"):
+        run(root, example_case / "out2", "abdomen", "--from-totalseg", root / "segmentations")
+    run(
+        root,
+        example_case / "out2",
+        "abdomen",
+        "--from-totalseg",
+        root / "segmentations",
+        "--exclude",
+        "other_maps/*",
+    )
+    assert make_masks.is_done(example_case / "out2", "example", STAMP)
+
+
+def test_one_prep_folder_holds_one_region(example_case):
+    run_example(example_case)
+    with pytest.raises(SystemExit, match=r"example.nii is 'make_masks region=abdomen.*use another --dst"):
+        run(example_case / "src", example_case / "out", "chest", "--from-totalseg", example_case / "ts")
 
 
 def test_totalsegmentator_path_with_standin_model(example_case, monkeypatch):
@@ -235,13 +305,11 @@ def test_corrupt_input_is_reported_and_others_finish(example_case):
     payload = (EXAMPLE / "example_ct_sm.nii.gz").read_bytes()
     (example_case / "src" / "broken.nii.gz").write_bytes(payload[: len(payload) // 2])  # truncated gzip
     with pytest.raises(SystemExit, match=r"1 of 3 case\(s\) failed:\n.*broken\.nii\.gz"):
-        run(
-            example_case / "src", example_case / "out", "abdomen", "--from-totalseg", str(example_case / "ts")
-        )
-    assert make_masks.is_done(example_case / "out", "example") and make_masks.is_done(
-        example_case / "out", "second"
-    )
+        run_example(example_case)
+    assert all(make_masks.is_done(example_case / "out", c, STAMP) for c in ("example", "second"))
     assert not (example_case / "out" / "ct" / "broken.nii").exists()
+    summary = (example_case / "out" / "masks_summary.csv").read_text().splitlines()
+    assert len(summary) == 1 + 2  # header, the two finished cases
 
 
 def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
@@ -249,18 +317,17 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
         shutil.copy(example_case / "src" / "example.nii.gz", example_case / "src" / f"case{i}.nii.gz")
         shutil.copy(example_case / "ts" / "example.nii.gz", example_case / "ts" / f"case{i}.nii.gz")
     out = example_case / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "make_masks.py"),
+    arguments = [
         "--src",
-        str(example_case / "src"),
+        example_case / "src",
         "--dst",
-        str(out),
+        out,
         "--region",
         "abdomen",
         "--from-totalseg",
-        str(example_case / "ts"),
+        example_case / "ts",
     ]
+    command = [sys.executable, str(ROOT / "make_masks.py"), *map(str, arguments)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and len(list((out / "mask").glob("[!.]*.nii"))) < 2:
@@ -272,8 +339,9 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
     (out / "ct" / ".case0.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     for case in [f"case{i}" for i in range(8)] + ["example"]:
-        assert make_masks.is_done(out, case)
+        assert make_masks.is_done(out, case, STAMP)
         np.testing.assert_array_equal(stored(out, case)[1], stored(out, "case0")[1])
+        assert json.loads((out / "qc" / f"{case}.json").read_text())["case_id"] == case
     assert {
         p.name: p.stat().st_mtime_ns for p in (out / "mask").glob("[!.]*.nii") if p.name in finished
     } == finished
@@ -281,23 +349,19 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
 
 
 def test_synthetic_files_through_make_masks_train_the_same_as_in_memory(tmp_path):
-    import train
-
     synthetic.write_synthetic(tmp_path / "syn", {"train": 6, "val": 2, "test": 3})
     run(
         tmp_path / "syn" / "ct",
         tmp_path / "syn" / "prep",
         "chest",
         "--from-totalseg",
-        str(tmp_path / "syn" / "totalseg"),
+        tmp_path / "syn" / "totalseg",
     )
     common = ["--seg", "-b", "2", "-j", "0", "--epochs", "1"]
     for name, extra in (
-        ("files", ["--data-path", str(tmp_path / "syn")]),
-        ("memory", ["--synthetic-cases", "6", "2", "3"]),
+        ("files", ["--data-path", tmp_path / "syn"]),
+        ("memory", ["--synthetic-cases", 6, 2, 3]),
     ):
-        train.main(
-            train.get_args_parser().parse_args([*common, *extra, "--output-dir", str(tmp_path / name)])
-        )
+        train_cli(*common, *extra, "--output-dir", tmp_path / name)
     files, memory = ((tmp_path / name / "predictions_test.csv").read_text() for name in ("files", "memory"))
     assert files == memory  # resampling onto its own grid, storage and memory maps change nothing

@@ -3,12 +3,12 @@ configuration with random weights stand in for the published files."""
 
 import pytest
 import torch
-from helpers import train_cli
 
+from helpers import train_cli
 from model import ARCHS, CTClassifier, torchvision_model
 from pretrained import REPLACED, load_pretrained, resize_bias_table, resize_rel_pos
 
-CHEST, ABDOMEN, SMALL = (96, 192, 192), (160, 176, 192), (32, 48, 48)
+CHEST, ABDOMEN, SMALL = (96, 192, 192), (160, 192, 176), (32, 48, 48)
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +17,13 @@ def pretrained_files(tmp_path_factory):
     files = {}
     for arch in ARCHS:
         torch.manual_seed(1)
+        net = torchvision_model(arch)
+        for module in net.modules():  # trained statistics, not the fresh ones
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
         files[arch] = folder / f"{arch}_kinetics400.pth"
-        torch.save(torchvision_model(arch).state_dict(), files[arch])
+        torch.save(net.state_dict(), files[arch])
     return files
 
 
@@ -44,6 +49,19 @@ def test_every_kept_tensor_equals_the_file(arch, pretrained_files):
     assert f"loaded {same} tensors as they are, adapted {adapted}" in report[0]
     assert same > 100 and adapted == (48 if arch == "mvit" else 0)  # MViT: h, w, t tables of 16 blocks
     assert model.backbone.net.state_dict().keys() == before.keys()
+
+
+def test_r3d_stem_is_newly_initialised_batchnorm_included(pretrained_files):
+    """A.4: the 1-channel stem does not use pretrained weights; its BatchNorm statistics described the
+    3-channel conv's output, so they are not loaded either."""
+    model = CTClassifier("r3d", 18, SMALL)
+    report = load_pretrained(model.backbone, pretrained_files["r3d"])
+    stem_norm, state = model.backbone.net.stem[1], torch.load(pretrained_files["r3d"], weights_only=True)
+    assert torch.equal(stem_norm.running_var, torch.ones(64))
+    assert torch.equal(stem_norm.running_mean, torch.zeros(64))
+    assert not torch.equal(state["stem.1.running_var"], torch.ones(64))  # the file has other values
+    assert "newly initialised" in report[0] and "stem.0" in report[0] and "stem.1" in report[0]
+    assert torch.equal(model.backbone.net.layer1[0].conv1[0].weight, state["layer1.0.conv1.0.weight"])
 
 
 def test_mvit_adapted_tables_reproduce_torchvision_attention(pretrained_files):

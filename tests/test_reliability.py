@@ -12,14 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import make_masks_cli, prepared_synthetic, train_cli
 
+import ct_io
 import data
-import make_masks
 import model
 import synthetic
 import train
 import utils
+from helpers import make_masks_cli, prepared_synthetic, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example"
@@ -100,7 +100,7 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
     mask = nib.load(mask_path)
     labels = np.asarray(mask.dataobj).copy()
     labels[labels == 6] = 9  # a mask made with another label scheme
-    make_masks.save_atomic(labels, mask.affine, mask_path)
+    ct_io.save_nifti(labels, mask.affine, mask_path, data.mask_stamp("chest"))
     short = "--seg -b 2 -j 1 --epochs 1".split()
     command = [
         sys.executable,
@@ -127,11 +127,11 @@ def build(root, seg=True):
 def test_wrong_dtype_and_affine_mismatch_name_the_file(prep):
     ct_path = prep / "prep" / "ct" / "synthetic_val_0000.nii"
     ct = nib.load(ct_path)
-    make_masks.save_atomic(np.asarray(ct.dataobj).astype(np.float32), ct.affine, ct_path)
+    ct_io.save_nifti(np.asarray(ct.dataobj).astype(np.float32), ct.affine, ct_path)
     with pytest.raises(data.BadInput, match=f"{ct_path}: data type float32, expected int16"):
         build(prep)
     flipped = ct.affine @ np.diag([1, 1, -1, 1])
-    make_masks.save_atomic(np.asarray(ct.dataobj).astype(np.int16), flipped, ct_path)
+    ct_io.save_nifti(np.asarray(ct.dataobj).astype(np.int16), flipped, ct_path)
     with pytest.raises(data.BadInput, match=r"mask/synthetic_val_0000.nii: grid .* does not match its CT"):
         build(prep)
     build(prep, seg=False)  # without --seg the masks are not read
