@@ -175,7 +175,7 @@ def write_preview(dst, case, region):
         ax.imshow(overlay, cmap=colours, vmin=0.5, vmax=10.5, alpha=0.45, origin="lower", aspect=aspect)
         ax.set_title(f"{name} (patient's right on the left)" if name != "sagittal" else name, fontsize=9)
         ax.axis("off")
-    handles = [Patch(color=colours(i / 10), label=f"{i} {s}") for i, s in enumerate(structures, 1)]
+    handles = [Patch(color=colours((i - 0.5) / 10), label=f"{i} {s}") for i, s in enumerate(structures, 1)]
     fig.legend(handles=handles, loc="lower center", ncol=len(structures), fontsize=8)
     fig.suptitle(f"{case}: {region} mask", fontsize=10)
     (dst / "preview").mkdir(exist_ok=True)
