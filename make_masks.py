@@ -29,6 +29,8 @@ import os
 import sys
 import time
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -36,9 +38,11 @@ import numpy as np
 
 import ct_io
 import data
+import totalseg
 import utils
 
 MERGED = {"bowel": ("esophagus", "stomach", "duodenum", "small_bowel", "colon")}
+PREFETCH = 2  # cases read ahead of the network, and written behind it
 
 
 def label_lut(region):
@@ -106,20 +110,6 @@ def is_done(dst, case, stamp):
                          "of one region; use another --dst")  # fmt: skip
     same_grid = ct["shape"] == mask["shape"] and np.allclose(ct["affine"], mask["affine"], atol=1e-4)
     return same_grid and mask["description"] == stamp and (dst / "qc" / f"{case}.json").exists()
-
-
-def ensure_totalseg_config():
-    """TotalSegmentator sends usage statistics unless its config.json says otherwise (no variable for it)."""
-    from totalsegmentator.config import get_totalseg_dir
-
-    home = get_totalseg_dir()
-    home.mkdir(parents=True, exist_ok=True)
-    path = home / "config.json"
-    config = json.loads(path.read_text()) if path.exists() else {"totalseg_id": "totalseg_anonymous"}
-    if config.get("send_usage_stats") is not False:
-        config["send_usage_stats"] = False
-        with utils.atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(config, indent=4))
 
 
 # ----------------------------------------------------------------------------- quality control
@@ -206,26 +196,72 @@ def totalseg_map(case, kind, hu, affine, args, totalseg_files):
     return seg, seg_img.affine
 
 
-def process(case, kind, path, args, lut, totalseg_files):
+def load(case, args, lut, totalseg_files, kind, path):
+    """The CPU work before the network (a reader thread): read and resample the CT, and with --from-totalseg
+    merge and resample its map. Returns (ct, affine, mask or None)."""
     hu, affine = ct_io.read_case(kind, path, args.metadata)
     ct, out_affine = ct_io.preprocess_ct(hu, affine)
-    if args.from_totalseg:
-        seg, seg_affine = totalseg_map(case, kind, hu, affine, args, totalseg_files)
-        mask = ct_io.resample(lut[seg], seg_affine, ct.shape, out_affine, 0, 0)
-    else:
-        from totalsegmentator.python_api import totalsegmentator
+    if not args.from_totalseg:
+        return ct, out_affine, None
+    seg, seg_affine = totalseg_map(case, kind, hu, affine, args, totalseg_files)
+    return ct, out_affine, ct_io.resample(lut[seg], seg_affine, ct.shape, out_affine, 0, 0)
 
-        img = nib.Nifti1Image(ct, out_affine)
-        seg_img = totalsegmentator(
-            img, None, task="total", fast=True, ml=True, device=args.device, quiet=True
-        )
-        mask = lut[np.asanyarray(seg_img.dataobj).astype(np.uint8)]
-    ct_io.save_nifti(ct, out_affine, args.dst / "ct" / f"{case}.nii")
-    qc = mask_qc(case, mask, out_affine, args.region)
+
+def save(case, ct, affine, mask, args):
+    """The CPU work after it (a writer thread): the CT, its QC record, then the mask, whose presence (with the
+    region's stamp) marks the case as done."""
+    ct_io.save_nifti(ct, affine, args.dst / "ct" / f"{case}.nii")
     with utils.atomic_path(args.dst / "qc" / f"{case}.json") as tmp:
-        Path(tmp).write_text(json.dumps(qc))
-    # the mask last: its presence (with the region's stamp) marks the case as done
-    ct_io.save_nifti(mask, out_affine, args.dst / "mask" / f"{case}.nii", data.mask_stamp(args.region))
+        Path(tmp).write_text(json.dumps(mask_qc(case, mask, affine, args.region)))
+    ct_io.save_nifti(mask, affine, args.dst / "mask" / f"{case}.nii", data.mask_stamp(args.region))
+
+
+def segmenter(args):
+    """CT image -> TotalSegmentator's class ids: one predictor built once (--engine predictor, the default) or
+    TotalSegmentator's own per-case call (--engine totalsegmentator, the reference); None with
+    --from-totalseg."""
+    if args.from_totalseg:
+        return None
+    if args.engine == "totalsegmentator":
+        totalseg.disable_usage_stats()
+        return lambda img: totalseg.reference(img, args.device)
+    return totalseg.FastTotal(args.device)
+
+
+def run_cases(todo, cases, args, lut, totalseg_files, progress):
+    """Every case through load (reader thread, PREFETCH cases ahead), TotalSegmentator (this thread: the GPU
+    never waits for a file) and save (writer thread). Returns the failures, one line each."""
+    segment, failures, writes = segmenter(args), [], deque()
+
+    def fail(case, error):
+        failures.append(f"{cases[case][1]}: {type(error).__name__}: {error}")
+        progress.write(f"FAILED {failures[-1]}")
+
+    def finish(case, future):
+        try:
+            future.result()
+            progress.update()
+        except Exception as error:  # report, go on, fail at the end
+            fail(case, error)
+
+    with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
+        read = lambda case: reader.submit(load, case, args, lut, totalseg_files, *cases[case])  # noqa: E731
+        loads = deque((case, read(case)) for case in todo[:PREFETCH])
+        for position, case in enumerate(todo):
+            if position + PREFETCH < len(todo):
+                loads.append((todo[position + PREFETCH], read(todo[position + PREFETCH])))
+            try:
+                ct, affine, mask = loads.popleft()[1].result()
+                if mask is None:
+                    mask = lut[np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)]
+                writes.append((case, writer.submit(save, case, ct, affine, mask, args)))
+            except Exception as error:
+                fail(case, error)
+            while writes and (len(writes) > PREFETCH or writes[0][1].done()):
+                finish(*writes.popleft())
+        while writes:
+            finish(*writes.popleft())
+    return failures
 
 
 def get_args_parser():
@@ -241,6 +277,8 @@ def get_args_parser():
     )
     parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching paths")
     parser.add_argument("--device", default="gpu", help="TotalSegmentator device: gpu, gpu:N, cpu, mps")
+    parser.add_argument("--engine", default="predictor", choices=("predictor", "totalsegmentator"),
+                        help="model loaded once (default), or TotalSegmentator's per-case call")  # fmt: skip
     parser.add_argument("--shard", default="0/1", help="I/N: process the cases whose id hashes to I mod N")
     parser.add_argument("--preview", type=int, default=0, metavar="N", help="write PNG previews of N cases")
     return parser
@@ -265,8 +303,6 @@ def prepare(args):
     totalseg_files = {}
     if args.from_totalseg:
         totalseg_files = {p.name.split(".nii")[0]: p for p in args.from_totalseg.rglob("*.nii*")}
-    else:
-        ensure_totalseg_config()
     return cases, mine, totalseg_files
 
 
@@ -279,23 +315,30 @@ def main(args):
     print(
         f"{len(cases)} cases under {args.src}; shard {args.shard}: {len(mine)}, {len(mine) - len(todo)} done"
     )
-    failures, last_summary = [], time.time()
-    for case in tqdm(todo, unit="case"):
-        kind, path = cases[case]
-        try:
-            process(case, kind, path, args, lut, totalseg_files)
-        except Exception as error:  # report, go on, fail at the end
-            failures.append(f"{path}: {type(error).__name__}: {error}")
-            tqdm.write(f"FAILED {failures[-1]}")
-        if time.time() - last_summary > 60:  # the summary follows the run (all shards' cases)
-            write_summary(args.dst)
-            last_summary = time.time()
+    with tqdm(total=len(todo), unit="case") as progress:
+        failures = run_cases(todo, cases, args, lut, totalseg_files, SummaryEvery(progress, args.dst))
     write_summary(args.dst)
     for case in [c for c in mine if is_done(args.dst, c, stamp)][: args.preview]:
         write_preview(args.dst, case, args.region)
     if failures:
         sys.exit(f"{len(failures)} of {len(todo)} case(s) failed:\n  " + "\n  ".join(failures))
     print(f"done: {len(mine)} cases in {args.dst}; quality control in {args.dst / 'masks_summary.csv'}")
+
+
+class SummaryEvery:
+    """The progress bar; rewrites masks_summary.csv (all shards' cases) at most once a minute."""
+
+    def __init__(self, progress, dst, seconds=60):
+        self.progress, self.dst, self.seconds, self.last = progress, dst, seconds, time.time()
+
+    def update(self):
+        self.progress.update()
+        if time.time() - self.last > self.seconds:
+            write_summary(self.dst)
+            self.last = time.time()
+
+    def write(self, line):
+        self.progress.write(line)
 
 
 if __name__ == "__main__":  # TotalSegmentator's workers are spawned: keep the entry point guarded
