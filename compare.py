@@ -34,22 +34,34 @@ def auc_columns(y_true, y_score):
 def mean_macro_auc(y_true, runs):
     """Mean over runs of the macro AUC over the classes that have both labels in y_true."""
     both = (y_true.min(0) == 0) & (y_true.max(0) == 1)
+    if not both.any():  # a resample of a tiny set can leave no class with both labels
+        return np.nan
     return np.mean([auc_columns(y_true[:, both], p[:, both]).mean() for p in runs])
 
 
-def paired_bootstrap(y_true, probs_a, probs_b, resamples=1000, seed=0):
+def paired_bootstrap(y_true, probs_a, probs_b, resamples=2000, seed=0, seeds_too=False):
     """Δ = mean macro AUC of runs A - that of runs B, all evaluated on the same cases (lists of (N, K)).
-    Cases are resampled jointly for every run. Returns (Δ, CI low, CI high, two-sided p-value)."""
+    Each resample draws the cases with replacement, the same cases for every run (paired): the CI covers
+    test-case sampling only. With seeds_too, each resample first draws the runs (seeds) of each arm with
+    replacement (a two-level bootstrap): the CI then covers training randomness too.
+    Returns (Δ, CI low, CI high, two-sided p-value)."""
     rng = np.random.default_rng(seed)
     n, samples = len(y_true), []
     for _ in range(resamples):
+        runs_a, runs_b = probs_a, probs_b
+        if seeds_too:
+            runs_a = [probs_a[i] for i in rng.integers(0, len(probs_a), len(probs_a))]
+            runs_b = [probs_b[i] for i in rng.integers(0, len(probs_b), len(probs_b))]
         idx = rng.integers(0, n, n)
-        samples.append(
-            mean_macro_auc(y_true[idx], [p[idx] for p in probs_a])
-            - mean_macro_auc(y_true[idx], [p[idx] for p in probs_b])
+        a, b = (
+            mean_macro_auc(y_true[idx], [p[idx] for p in runs_a]),
+            mean_macro_auc(y_true[idx], [p[idx] for p in runs_b]),
         )
+        samples.append(a - b)
+    samples = np.array(samples)
+    samples = samples[np.isfinite(samples)]
     low, high = np.percentile(samples, [2.5, 97.5])
-    p_value = min(1.0, 2 * min(np.mean(np.array(samples) <= 0), np.mean(np.array(samples) >= 0)))
+    p_value = min(1.0, 2 * min(np.mean(samples <= 0), np.mean(samples >= 0)))
     delta = mean_macro_auc(y_true, probs_a) - mean_macro_auc(y_true, probs_b)
     return float(delta), float(low), float(high), float(p_value)
 
@@ -120,18 +132,20 @@ def macro_table(groups, dataset, resamples, seed):
 
 
 def bootstrap_line(off, on, resamples, seed):
+    """The paired case bootstrap and the two-level (seeds, then cases) bootstrap of Δ macro AUC."""
     reference = off[0]
     for run in off + on:
         if run["cases"] != reference["cases"]:
             sys.exit(f"{run['folder']} and {reference['folder']} were evaluated on different cases")
-    d, low, high, p = paired_bootstrap(
-        reference["y_true"], [r["y_prob"] for r in on], [r["y_prob"] for r in off], resamples, seed
-    )
-    line = (
-        f"{'':<22}paired bootstrap ({resamples} resamples of {len(reference['cases'])} cases, {len(off)} vs "
-        f"{len(on)} run(s)): Δ AUC {100 * d:+.2f}, 95% CI [{100 * low:+.2f}, {100 * high:+.2f}], p = {p:.3f}"
-    )
-    return line, {"metric": "delta_auc", "delta": d, "ci": [low, high], "p": p, "resamples": resamples}
+    y, a, b = reference["y_true"], [r["y_prob"] for r in on], [r["y_prob"] for r in off]
+    d, low, high, p = paired_bootstrap(y, a, b, resamples, seed)
+    _, low2, high2, p2 = paired_bootstrap(y, a, b, resamples, seed, seeds_too=True)
+    ci = lambda lo, hi: f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
+    sizes = f"{resamples} resamples, {len(reference['cases'])} cases, {len(off)} vs {len(on)} run(s)"
+    line = (f"{'':<22}Δ AUC {100 * d:+.2f}; 95% CI over test cases {ci(low, high)}, p = {p:.3f}; over seeds "
+            f"and cases (two-level) {ci(low2, high2)}, p = {p2:.3f} ({sizes})")  # fmt: skip
+    record = dict(metric="delta_auc", delta=d, ci=[low, high], p=p, ci_seeds_and_cases=[low2, high2])
+    return line, {**record, "p_seeds_and_cases": p2, "resamples": resamples}
 
 
 def per_class_table(groups, runs, dataset):

@@ -47,6 +47,21 @@ def test_bootstrap_run_better_on_every_case_has_ci_above_zero():
     assert again == (delta, low, high, p_value)  # seeded
 
 
+def test_two_level_bootstrap_widens_the_interval_by_the_spread_of_seeds():
+    """Two arms with the same mean over seeds: the case bootstrap of the means sees no difference whatever
+    the seeds do; the two-level bootstrap, which resamples the seeds too, must be at least as wide."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, (120, 3)).astype(float)
+    base = rng.random((120, 3))
+    good, bad = 0.6 * base + 0.4 * y, 0.6 * base + 0.4 * (1 - y)  # one seed learned the task, one the reverse
+    arm_a, arm_b = [good, bad], [bad, good]  # same two seeds in both arms: no difference in expectation
+    case_only = compare.paired_bootstrap(y, arm_a, arm_b, resamples=400, seed=0)
+    two_level = compare.paired_bootstrap(y, arm_a, arm_b, resamples=400, seed=0, seeds_too=True)
+    assert case_only[0] == two_level[0] == 0
+    assert case_only[2] - case_only[1] < 1e-9  # the case resampling keeps the arms' means equal
+    assert two_level[2] - two_level[1] > 0.3 and two_level[1] < 0 < two_level[2]
+
+
 def test_thresholds_from_validation(tmp_path):
     y_val, p_val = (
         np.array([[0], [0], [1], [1]]),
@@ -112,7 +127,7 @@ def test_comparison_tables_and_figure(tmp_path, capsys):
     auc_line = next(line for line in text.splitlines() if line.startswith("ResNet") and "auc" in line)
     assert f"{100 * expected_half:.2f} ± 0.00" in auc_line and "100.00 ± 0.00" in auc_line
     assert f"{100 * (1 - expected_half):+.2f}" in auc_line
-    assert "paired bootstrap (200 resamples of 6 cases, 2 vs 2 run(s))" in text
+    assert "(200 resamples, 6 cases, 2 vs 2 run(s))" in text and "over seeds and cases (two-level)" in text
     lines = text.splitlines()
     table7 = lines[lines.index(next(line for line in lines if "per class" in line)) + 1]
     assert "CDM" in table7 and "EMP" in table7 and "AVG" in table7
