@@ -20,6 +20,7 @@ import pytest
 import ct_io
 import data
 import make_masks
+import mask_qc
 import synthetic
 from helpers import make_masks_cli, train_cli
 from totalseg_standin import make_standin
@@ -93,7 +94,7 @@ def test_quality_control_summary_and_preview(example_case):
     assert (example_case / "out" / "preview" / "example.png").stat().st_size > 20_000
     mask = np.asarray(nib.load(example_case / "out" / "mask" / "example.nii").dataobj)
     mask[mask == 2] = 0  # no spleen: reported as missing
-    qc = make_masks.mask_qc("x", mask, np.diag([1.5, 1.5, 3.0, 1]), "abdomen")
+    qc = mask_qc.case_row("x", mask, np.diag([1.5, 1.5, 3.0, 1]), "abdomen")
     assert qc["missing"] == "spleen" and qc["spleen_ml"] == 0
 
 

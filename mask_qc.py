@@ -1,0 +1,74 @@
+"""Quality control of the anatomy masks (used by make_masks.py; users check masks before training on 50K).
+
+Per case: the scan's extent in mm, each structure's volume in ml, and the structures that are missing, tiny
+(under data.TINY_ML) or touching the edge of the scanned volume (e.g. a lung cut by the field of view).
+<prep>/qc/<case>.json is written with the case; <prep>/masks_summary.csv gathers all of them (all shards'),
+rewritten atomically. A preview is three orthogonal slices through the mask, the way a reader checks it.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+
+import data
+import utils
+
+
+def case_row(case, mask, affine, region):
+    """One row of masks_summary.csv: the scan's extent, each structure's volume, and the flags."""
+    structures = data.REGIONS[region]["structures"]
+    spacing = np.abs(np.diag(affine)[:3])
+    volumes = np.bincount(mask.ravel(), minlength=len(structures) + 1) * spacing.prod() / 1000  # ml
+    faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
+    on_edge = set(np.unique(np.concatenate([f.ravel() for f in faces]))) - {0}
+    row = {"case_id": case}
+    row.update({f"extent_{a}_mm": round(float(n * s), 1) for a, n, s in zip("xyz", mask.shape, spacing)})
+    row.update({f"{s}_ml": round(float(volumes[i]), 2) for i, s in enumerate(structures, start=1)})
+    named = lambda test: ";".join(s for i, s in enumerate(structures, start=1) if test(i))  # noqa: E731
+    row["missing"] = named(lambda i: volumes[i] == 0)
+    row["tiny"] = named(lambda i: 0 < volumes[i] < data.TINY_ML)
+    row["edge"] = named(lambda i: i in on_edge)
+    return row
+
+
+def write_summary(dst):
+    """<dst>/masks_summary.csv from every case's QC record (all shards'), written atomically."""
+    rows = [json.loads(p.read_text()) for p in sorted((dst / "qc").glob("[!.]*.json"))]
+    if rows:
+        utils.write_csv(dst / "masks_summary.csv", list(rows[0]), [list(r.values()) for r in rows])
+
+
+def write_preview(dst, case, region):
+    """<dst>/preview/<case>.png: axial, coronal and sagittal slices through the mask's centre, CT in the
+    region's window, structures coloured and named, the way a reader checks a segmentation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ct_img, mask = (
+        nib.load(dst / "ct" / f"{case}.nii"),
+        np.asarray(nib.load(dst / "mask" / f"{case}.nii").dataobj),
+    )
+    ct, (sx, sy, sz) = np.asarray(ct_img.dataobj), np.abs(np.diag(ct_img.affine)[:3])
+    x, y, z = (np.argwhere(mask).mean(0) if mask.any() else np.array(mask.shape) / 2).astype(int)
+    views = {"axial": (ct[::-1, :, z].T, mask[::-1, :, z].T, sy / sx), "coronal": (ct[::-1, y, :].T,
+             mask[::-1, y, :].T, sz / sx), "sagittal": (ct[x, :, :].T, mask[x, :, :].T, sz / sy)}  # fmt: skip
+    structures, colours = data.REGIONS[region]["structures"], plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 5))
+    for ax, (name, (image, labels, aspect)) in zip(axes, views.items()):
+        low, high = data.REGIONS[region]["window"]
+        ax.imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
+        overlay = np.ma.masked_equal(labels, 0)
+        ax.imshow(overlay, cmap=colours, vmin=0.5, vmax=10.5, alpha=0.45, origin="lower", aspect=aspect)
+        ax.set_title(f"{name} (patient's right on the left)" if name != "sagittal" else name, fontsize=9)
+        ax.axis("off")
+    handles = [Patch(color=colours((i - 0.5) / 10), label=f"{i} {s}") for i, s in enumerate(structures, 1)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(structures), fontsize=8)
+    fig.suptitle(f"{case}: {region} mask", fontsize=10)
+    (dst / "preview").mkdir(exist_ok=True)
+    with utils.atomic_path(dst / "preview" / f"{case}.png") as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
