@@ -161,11 +161,30 @@ def per_class_table(groups, runs, dataset):
         label = MODEL_NAMES[key[1]][0] + (" + P" if key[2] else "") + (" + S" if key[3] else "")
         values = "".join(f"{100 * np.mean([a.get(c, np.nan) for a in aucs]):8.1f}" for c in classes)
         lines.append(f"{label:<16}{values}{100 * np.mean([r['macro']['auc'] for r in groups[key]]):8.2f}")
+    lines += sharpness_lines(groups, keys)
     for key in (k for k in keys if k[3]):
         dice = [r["dice"] for r in groups[key] if r["dice"]]
         if dice:
             values = "  ".join(f"{s} {np.nanmean([d[s]['dice'] for d in dice]):.3f}" for s in dice[0])
             lines.append(f"seg head Dice ({MODEL_NAMES[key[1]]}{' + P' if key[2] else ''}, test): {values}")
+    return lines
+
+
+def sharpness_lines(groups, keys):
+    """Flatness of the evaluated checkpoints (sharpness.py's sharpness.json), mean ± std over seeds."""
+    lines = []
+    for key in keys:
+        found = [
+            json.load(open(p))
+            for r in groups[key]
+            if os.path.isfile(p := os.path.join(r["folder"], "sharpness.json"))
+        ]
+        if found:
+            values = {m: [f[m] for f in found] for m in ("lambda_max", "increase_0.02", "increase_0.05")}
+            spread = lambda v: f" ± {np.std(v, ddof=1):.2g}" if len(v) > 1 else ""  # noqa: E731
+            shown = "  ".join(f"{m} {np.mean(v):.4g}{spread(v)}" for m, v in values.items())
+            label = MODEL_NAMES[key[1]] + (" + P" if key[2] else "") + (" + S" if key[3] else "")
+            lines.append(f"sharpness ({label}, classification loss, {len(found)} run(s)): {shown}")
     return lines
 
 

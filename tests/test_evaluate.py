@@ -106,6 +106,8 @@ def fake_run(folder, model, seg, seed, y, p):
     log = utils.CSVLog(folder / "iterations.csv", train.ITERATION_FIELDS)
     values = [[0, i, 1 / (i + 1) + seg, 1 / (i + 1), int(seg), 2 + np.sin(i), 1e-4, 0.01] for i in range(30)]
     log.append([dict(zip(train.ITERATION_FIELDS, row)) for row in values])
+    sharpness = {"lambda_max": 10.0 + 2 * seg + seed, "increase_0.02": 0.01, "increase_0.05": 0.05 + seed}
+    (folder / "sharpness.json").write_text(json.dumps(sharpness))
 
 
 def test_comparison_tables_and_figure(tmp_path, capsys):
@@ -138,6 +140,8 @@ def test_comparison_tables_and_figure(tmp_path, capsys):
         and bootstrap["ci"][0] <= bootstrap["delta"] <= bootstrap["ci"][1]
     )
     assert (tmp_path / "fig3.png").stat().st_size > 10_000
+    flatness = next(line for line in text.splitlines() if line.startswith("sharpness (ResNet + S"))
+    assert "lambda_max 12.5 ± 0.71" in flatness and "increase_0.05 0.55 ± 0.71" in flatness  # seeds 0 and 1
 
 
 def test_smoothing_is_debiased():
