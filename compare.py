@@ -7,7 +7,6 @@ averaged (mean +- std). w/ vs w/o seg: a paired bootstrap over the test cases (r
 of both groups), with the 95% percentile CI and two-sided p-value of the difference of macro AUC.
 """
 
-import json
 import os
 import sys
 from collections import defaultdict
@@ -73,7 +72,7 @@ def load_runs(folders, method, thresholds_from, per="auto"):
         config_path = os.path.join(folder, "config.json")
         if not os.path.isfile(config_path):
             sys.exit(f"{folder}: no config.json (not a run folder written by train.py)")
-        config = json.load(open(config_path))
+        config = utils.read_json(config_path)
         path = os.path.join(folder, "predictions_test.csv")
         if not os.path.isfile(path):
             sys.exit(f"{path}: missing (did the run finish?)")
@@ -83,7 +82,7 @@ def load_runs(folders, method, thresholds_from, per="auto"):
         run = dict(
             folder=folder, key=key, seed=config["seed"], rows=rows, macro=macro, **read_predictions(path, per)
         )
-        run["dice"] = json.load(open(dice_path)) if os.path.isfile(dice_path) else None
+        run["dice"] = utils.read_json(dice_path) if os.path.isfile(dice_path) else None
         runs.append(run)
     return runs
 
@@ -175,7 +174,7 @@ def sharpness_lines(groups, keys):
     lines = []
     for key in keys:
         found = [
-            json.load(open(p))
+            utils.read_json(p)
             for r in groups[key]
             if os.path.isfile(p := os.path.join(r["folder"], "sharpness.json"))
         ]
@@ -247,7 +246,9 @@ def figure3(runs, path):
         ax.set_title(title)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
 
 
 def main(args):

@@ -35,7 +35,6 @@ REGIONS = {  # paper Table 3; sizes (D, H, W)
 }
 # fmt: on
 AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
-TINY_ML = 5.0  # a structure smaller than this is flagged as tiny in masks_summary.csv (a speck, not an organ)
 OPEN_VOLUMES = 64  # memory maps (CT + mask) a process keeps open; each costs one file descriptor
 
 
@@ -237,9 +236,8 @@ class CTDataset(torch.utils.data.Dataset):
         ct, mask = self.volumes[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         starts = window_start(ct.shape, self.pad_size, self.crop_size, rng)
-        with (
-            warnings.catch_warnings()
-        ):  # the windows are read-only views; collate() copies them into the batch
+        # the windows are read-only views (torch warns about them); collate() copies them into the batch
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None]}
             if self.with_mask:
@@ -299,6 +297,14 @@ def make_loader(dataset, args, train):
         persistent_workers=args.workers > 0,
         pin_memory=args.device.startswith("cuda"),
     )
+
+
+def make_loaders(splits, args):
+    """(training loader, {"val"/"test": evaluation loader}) of the splits there are."""
+    evaluation = {
+        split: make_loader(splits[split], args, train=False) for split in ("val", "test") if split in splits
+    }
+    return make_loader(splits["train"], args, train=True), evaluation
 
 
 def check_prep_dir(prep_dir, data_path):

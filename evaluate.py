@@ -12,7 +12,6 @@ Macro averages are over the classes that have both labels; the others are counte
 
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -237,30 +236,44 @@ def validation_thresholds(path, method, per="auto"):
     return {classes[k]: choose_threshold(y[:, k], p[:, k], method) for k in both}, val_path
 
 
+def beside(path):
+    """(metrics stem, Dice JSON or None) of a predictions file: metrics_<split>.* and dice_<split>.json beside
+    predictions_<split>.csv; <name>.metrics.* beside a file of another name (never the input itself)."""
+    folder, name = os.path.split(path)
+    stem = name[: -len(".csv")] if name.endswith(".csv") else name
+    if stem.startswith("predictions_"):
+        split = stem[len("predictions_") :]
+        return os.path.join(folder, f"metrics_{split}"), os.path.join(folder, f"dice_{split}.json")
+    return os.path.join(folder, f"{stem}.metrics"), None
+
+
 def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=False, per="auto"):
     """Compute, print and save (metrics_<split>.csv/.json beside `path`) the metrics of a predictions CSV, per
     case or per patient (per="auto": per patient for RATIC, per case otherwise)."""
     predictions = read_predictions(path, per)
+    y_true, y_prob, names = predictions["y_true"], predictions["y_prob"], predictions["classes"]
     method_name = "Youden's J" if method == "youden" else "closest to (0, 1)"
     thresholds, note = None, f"{method_name} on the evaluated set"
     if thresholds_from == "val":
         thresholds, val_path = validation_thresholds(path, method, per)
         note = f"{method_name} on the validation split ({val_path})"
-    y_true, y_prob, names = predictions["y_true"], predictions["y_prob"], predictions["classes"]
+        fallback = [
+            c for k, c in enumerate(names) if c not in thresholds and len(np.unique(y_true[:, k])) == 2
+        ]
+        if fallback:  # one label value in the validation split: nothing to choose a threshold on there
+            note += f"; on the evaluated set for {', '.join(fallback)} (a single label value in validation)"
     rows, macro, skipped = compute_metrics(y_true, y_prob, names, method, thresholds)
-    dice_path = path.replace("predictions_", "dice_").replace(".csv", ".json")
-    dice = json.load(open(dice_path)) if os.path.isfile(dice_path) else None
+    stem, dice_path = beside(path)
+    dice = utils.read_json(dice_path) if dice_path and os.path.isfile(dice_path) else None
     units = predictions.get("unit", "case")
     if not quiet:
         averaged = " (their cases' probabilities averaged)" if units == "patient" else ""
         print(f"{path}: {len(y_true)} {units}s{averaged}\n" + format_table(rows, macro, skipped, note))
         if dice:
             print("segmentation head Dice: " + "  ".join(f"{k} {v['dice']:.3f}" for k, v in dice.items()))
-    stem = path[:-4].replace("predictions_", "metrics_")
     summary = dict(predictions=os.path.basename(path), unit=units, thresholds=note, cases=len(y_true))
-    utils.write_json(
-        f"{stem}.json", {**summary, "macro": macro, "skipped": skipped, "classes": rows, "dice": dice}
-    )
+    summary.update(macro=macro, skipped=skipped, classes=rows, dice=dice)
+    utils.write_json(f"{stem}.json", summary)
     table = [
         [r["class"], *(r[m] for m in METRICS), r["threshold"], r["positives"], r["negatives"]] for r in rows
     ]

@@ -83,7 +83,10 @@ def find_cases(src, skip=(), exclude=()):
             cases[case] = (kind, root / name)
         others = [name for name in files if not name.endswith((".nii", ".nii.gz", ".npz"))]
         if others and not excluded(root) and any(ct_io.is_dicom(root / name) for name in others):
-            cases[f"{root.parent.name}_{root.name}"] = ("dicom", root)
+            case = f"{root.parent.name}_{root.name}"
+            if case in cases:
+                raise SystemExit(f"two inputs give case id {case}: {cases[case][1]} and {root}")
+            cases[case] = ("dicom", root)
     return cases
 
 
@@ -179,7 +182,7 @@ def run_cases(todo, cases, args, lut, totalseg_files, progress):
     def finish(case, future):
         try:
             future.result()
-            progress.update()
+            progress.update(case)
         except Exception as error:  # report, go on, fail at the end
             fail(case, error)
 
@@ -194,7 +197,7 @@ def run_cases(todo, cases, args, lut, totalseg_files, progress):
                 if mask is None:
                     mask = lut[np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)]
                 writes.append((case, writer.submit(save, case, ct, affine, mask, args)))
-            except Exception as error:
+            except (Exception, SystemExit) as error:  # TotalSegmentator exits on some inputs: a failed case
                 fail(case, error)
             while writes and (len(writes) > PREFETCH or writes[0][1].done()):
                 finish(*writes.popleft())
@@ -234,14 +237,17 @@ def prepare(args):
         for name in os.listdir(args.dst / sub):  # temporary files of a killed run (cases of this shard only)
             if (
                 name.startswith(".")
-                and ".tmp." in name
-                and in_shard(name[1:].rsplit(".tmp.", 1)[0], args.shard)
+                and ".tmp" in name
+                and in_shard(name[1:].rsplit(".tmp", 1)[0], args.shard)
             ):
                 (args.dst / sub / name).unlink()
     args.metadata = ct_io.load_metadata(args.metadata)
     totalseg_files = {}
-    if args.from_totalseg:
-        totalseg_files = {p.name.split(".nii")[0]: p for p in args.from_totalseg.rglob("*.nii*")}
+    for path in sorted(args.from_totalseg.rglob("*.nii*")) if args.from_totalseg else ():
+        case = path.name.split(".nii")[0]
+        if case in totalseg_files:
+            sys.exit(f"two TotalSegmentator maps for case {case}: {totalseg_files[case]} and {path}")
+        totalseg_files[case] = path
     return cases, mine, totalseg_files
 
 
@@ -268,13 +274,20 @@ class SummaryEvery:
     """The progress bar; rewrites masks_summary.csv (all shards' cases) at most once a minute."""
 
     def __init__(self, progress, dst, seconds=60):
-        self.progress, self.dst, self.seconds, self.last = progress, dst, seconds, time.time()
+        self.progress, self.dst, self.seconds, self.last, self.finished = (
+            progress,
+            dst,
+            seconds,
+            time.time(),
+            [],
+        )
 
-    def update(self):
+    def update(self, case):
         self.progress.update()
-        if time.time() - self.last > self.seconds:
-            mask_qc.write_summary(self.dst)
-            self.last = time.time()
+        self.finished.append(case)
+        if time.time() - self.last > self.seconds:  # merge the cases finished since: no rereading of all
+            mask_qc.write_summary(self.dst, self.finished)
+            self.last, self.finished = time.time(), []
 
     def write(self, line):
         self.progress.write(line)

@@ -1,7 +1,7 @@
 """Quality control of the anatomy masks (used by make_masks.py; users check masks before training on 50K).
 
 Per case: the scan's extent in mm, each structure's volume in ml, and the structures that are missing, tiny
-(under data.TINY_ML) or touching the edge of the scanned volume (e.g. a lung cut by the field of view).
+(under TINY_ML) or touching the edge of the scanned volume (e.g. a lung cut by the field of view).
 <prep>/qc/<case>.json is written with the case; <prep>/masks_summary.csv gathers all of them (all shards'),
 rewritten atomically. A preview is three orthogonal slices through the mask, the way a reader checks it.
 """
@@ -12,7 +12,10 @@ import nibabel as nib
 import numpy as np
 
 import data
+import labels
 import utils
+
+TINY_ML = 5.0  # a structure smaller than this is flagged as tiny (a speck, not an organ)
 
 
 def case_row(case, mask, affine, region):
@@ -27,16 +30,24 @@ def case_row(case, mask, affine, region):
     row.update({f"{s}_ml": round(float(volumes[i]), 2) for i, s in enumerate(structures, start=1)})
     named = lambda test: ";".join(s for i, s in enumerate(structures, start=1) if test(i))  # noqa: E731
     row["missing"] = named(lambda i: volumes[i] == 0)
-    row["tiny"] = named(lambda i: 0 < volumes[i] < data.TINY_ML)
+    row["tiny"] = named(lambda i: 0 < volumes[i] < TINY_ML)
     row["edge"] = named(lambda i: i in on_edge)
     return row
 
 
-def write_summary(dst):
-    """<dst>/masks_summary.csv from every case's QC record (all shards'), written atomically."""
-    rows = [json.loads(p.read_text()) for p in sorted((dst / "qc").glob("[!.]*.json"))]
+def write_summary(dst, cases=None):
+    """<dst>/masks_summary.csv, written atomically: rebuilt from every case's QC record (all shards'), or with
+    `cases` only those records merged into the summary as it stands (cheap while a large run goes)."""
+    path, rows = dst / "masks_summary.csv", {}
+    if cases is not None and path.exists():
+        rows = {row["case_id"]: row for row in labels.read_csv(path, ["case_id"])}
+    records = (
+        [dst / "qc" / f"{c}.json" for c in cases] if cases is not None else (dst / "qc").glob("[!.]*.json")
+    )
+    rows.update({row["case_id"]: row for row in (json.loads(p.read_text()) for p in records if p.exists())})
     if rows:
-        utils.write_csv(dst / "masks_summary.csv", list(rows[0]), [list(r.values()) for r in rows])
+        table = [rows[c] for c in sorted(rows)]
+        utils.write_csv(path, list(table[0]), [[row[k] for k in table[0]] for row in table])
 
 
 def write_preview(dst, case, region):
@@ -54,14 +65,17 @@ def write_preview(dst, case, region):
     )
     ct, (sx, sy, sz) = np.asarray(ct_img.dataobj), np.abs(np.diag(ct_img.affine)[:3])
     x, y, z = (np.argwhere(mask).mean(0) if mask.any() else np.array(mask.shape) / 2).astype(int)
-    views = {"axial": (ct[::-1, :, z].T, mask[::-1, :, z].T, sy / sx), "coronal": (ct[::-1, y, :].T,
-             mask[::-1, y, :].T, sz / sx), "sagittal": (ct[x, :, :].T, mask[x, :, :].T, sz / sy)}  # fmt: skip
+    views = {  # (CT slice, mask slice, aspect); x reversed: the patient's right on the viewer's left
+        "axial": (ct[::-1, :, z].T, mask[::-1, :, z].T, sy / sx),
+        "coronal": (ct[::-1, y, :].T, mask[::-1, y, :].T, sz / sx),
+        "sagittal": (ct[x, :, :].T, mask[x, :, :].T, sz / sy),
+    }
     structures, colours = data.REGIONS[region]["structures"], plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 3, figsize=(13, 5))
-    for ax, (name, (image, labels, aspect)) in zip(axes, views.items()):
+    for ax, (name, (image, structure_ids, aspect)) in zip(axes, views.items()):
         low, high = data.REGIONS[region]["window"]
         ax.imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
-        overlay = np.ma.masked_equal(labels, 0)
+        overlay = np.ma.masked_equal(structure_ids, 0)
         ax.imshow(overlay, cmap=colours, vmin=0.5, vmax=10.5, alpha=0.45, origin="lower", aspect=aspect)
         ax.set_title(f"{name} (patient's right on the left)" if name != "sagittal" else name, fontsize=9)
         ax.axis("off")

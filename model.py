@@ -60,9 +60,7 @@ class Backbone(nn.Module):
         self.arch, net = arch, torchvision_model(arch)
         if arch == "r3d":
             stem = nn.Conv3d(1, 64, kernel_size=2, stride=2, bias=False)
-            nn.init.kaiming_normal_(
-                stem.weight, mode="fan_out", nonlinearity="relu"
-            )  # as torchvision inits convs
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")  # as torchvision does
             net.stem[0] = stem
             del net.fc, net.avgpool
         elif arch == "mvit":
@@ -123,6 +121,8 @@ class CTClassifier(nn.Module):
         logits = self.head(features.mean(dim=(2, 3, 4)))
         if mask is None:
             return logits
+        if self.seg_head is None:
+            raise ValueError("this model has no segmentation head (built without --seg): call model(x)")
         return logits, segmentation_loss(self.seg_head(features), mask, self.seg_chunk)
 
 
@@ -234,9 +234,8 @@ def ratic_loss(logits, labels):
         binary.append(weighted_mean(bce, 1 + (RATIC_INJURY_WEIGHTS[name] - 1) * injured))
     organs = []
     for k, organ in enumerate(RATIC_ORGANS):
-        grade = torch.stack([y[f"{organ}_{g}"] for g in RATIC_GRADES], 1).argmax(
-            1
-        )  # 0 healthy, 1 low, 2 high
+        one_hot = torch.stack([y[f"{organ}_{g}"] for g in RATIC_GRADES], 1)
+        grade = one_hot.argmax(1)  # 0 healthy, 1 low, 2 high
         ce = F.cross_entropy(organ_logits(logits, k), grade, reduction="none")
         organs.append(weighted_mean(ce, logits.new_tensor(RATIC_GRADE_WEIGHTS)[grade]))
     any_weights = 1 + (RATIC_ANY_WEIGHT - 1) * y["any_injury"]

@@ -6,11 +6,11 @@
 
 The CT is read and preprocessed exactly as make_masks.py does (RAS, 1.5 x 1.5 x 3 mm, HU clip), centre-cropped
 as in evaluation, and each class probability is compared with the run's threshold: chosen on its validation
-split if it had one (metrics_val.json), else on its test split (metrics_test.json).
+split if it had one (metrics_val.json), else on its test split (metrics_test.json). For RATIC those thresholds
+were chosen per patient (the mean of a patient's series); average the series of one patient the same way.
 """
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,7 +37,7 @@ def run_thresholds(folder):
     for name in ("metrics_val.json", "metrics_test.json"):
         path = os.path.join(folder, name)
         if os.path.isfile(path):
-            return {r["class"]: r["threshold"] for r in json.load(open(path))["classes"]}, path
+            return {r["class"]: r["threshold"] for r in utils.read_json(path)["classes"]}, path
     return {}, None
 
 

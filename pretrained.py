@@ -16,12 +16,13 @@ WEIGHTS = {
     "mvit": tv_video.MViT_V2_S_Weights.KINETICS400_V1,
     "swin": tv_video.Swin3D_T_Weights.KINETICS400_V1,
 }
-# Newly initialised: the 1-channel stem (for R3D-18 the whole stem, conv and BatchNorm: that BatchNorm's
-# Kinetics statistics belonged to the 3-channel conv's output) and the classifier head.
+# Newly initialised: the 1-channel stem and the classifier head. For R3D-18 the whole stem (conv and
+# BatchNorm) and for Swin3D-T the whole patch embedding (conv and LayerNorm): their norms' Kinetics statistics
+# and weights belonged to the 3-channel conv's output.
 REPLACED = {
     "r3d": ("stem.", "fc."),
     "mvit": ("conv_proj.", "head."),
-    "swin": ("patch_embed.proj.", "head."),
+    "swin": ("patch_embed.", "head."),  # the conv and the LayerNorm of its 3-channel output
 }
 SOURCE_SWIN_WINDOW = (8, 7, 7)  # the window Swin3D-T was trained with
 

@@ -14,7 +14,6 @@ except the seg head (which that loss does not depend on):
 """
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -112,7 +111,7 @@ def fixed_batches(config, cases, batch_size):
 
 def measure(run_folder, cases=20, batch_size=10, iterations=20, alphas=(0.02, 0.05), draws=8):
     """Both measures for a run's evaluated checkpoint (best on validation if there is one); sharpness.json."""
-    config = json.load(open(os.path.join(run_folder, "config.json")))
+    config = utils.read_json(os.path.join(run_folder, "config.json"))
     best = os.path.exists(os.path.join(run_folder, "checkpoint_best.pth"))
     name = "checkpoint_best.pth" if best else "checkpoint.pth"
     state = utils.load_checkpoint(os.path.join(run_folder, name))
@@ -140,12 +139,13 @@ def main():
     parser.add_argument("--cases", type=int, default=20, help="fixed training cases")
     parser.add_argument("--iterations", type=int, default=20, help="power iterations")
     parser.add_argument("--draws", type=int, default=8, help="random directions per perturbation size")
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.05], help="perturbation sizes")
     args = parser.parse_args()
     torch.manual_seed(0)
     for run in args.runs:
-        r = measure(run, args.cases, iterations=args.iterations, draws=args.draws)
-        change = abs(r["power_iterations"][-1] - r["power_iterations"][-2]) / abs(r["lambda_max"])
-        increases = "  ".join(f"increase({a}) {r[f'increase_{a}']:.4g}" for a in ("0.02", "0.05"))
+        r = measure(run, args.cases, iterations=max(2, args.iterations), alphas=args.alphas, draws=args.draws)
+        change = abs(r["power_iterations"][-1] - r["power_iterations"][-2]) / max(abs(r["lambda_max"]), 1e-12)
+        increases = "  ".join(f"increase({a:g}) {r[f'increase_{a:g}']:.4g}" for a in args.alphas)
         print(f"{run}: loss {r['loss']:.4f}  lambda_max {r['lambda_max']:.4g} (the last iteration changed it "
               f"by {100 * change:.2f}%)  {increases}")  # fmt: skip
 

@@ -23,7 +23,7 @@ from labels import SYNTHETIC_CLASSES
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
 # The localised findings' difficulty: nodule radius (voxels of a 60-voxel-wide slice), drawn uniformly, and
 # how often a decoy nodule appears in a lobe no label is about. docs/synthetic_study.md: how they were chosen.
-NODULES = dict(radius=(2.5, 4.0), decoy_probability=0.5)
+NODULES = dict(radius=(4.5, 6.0), decoy_probability=0.25)  # calibrated (level D); before: (2.5, 4.0), 0.5
 
 
 def _ellipsoid(z, y, x, center, radii):
@@ -55,9 +55,8 @@ def make_phantom(rng, shape=(40, 60, 60)):
             ct[_sphere_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u) & (mask > 0) & (mask < 6)] = -990
     if labels[3]:  # effusion: fluid replacing the dependent base of one or both lungs
         sides = [(1, 2), (3, 4, 5)][rng.integers(2)] if rng.random() < 0.6 else (1, 2, 3, 4, 5)
-        base = (z < 0.3 * shape[0] - 0.2 * shape[0] * y / (13 * u)) & np.isin(
-            mask, sides
-        )  # higher posteriorly
+        level = 0.3 * shape[0] - 0.2 * shape[0] * y / (13 * u)  # the fluid level: higher posteriorly
+        base = (z < level) & np.isin(mask, sides)
         ct[base], mask[base] = 15, 0
     lobe_nodules = [(3, labels[0]), (2, labels[1])]  # right upper, left lower
     if rng.random() < NODULES["decoy_probability"]:  # a distractor nodule in a lobe no label is about

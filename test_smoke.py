@@ -251,16 +251,9 @@ def test_cosine_schedule():
 
 def test_metrics_against_sklearn_and_hand_made_cases():
     y = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1], [0, 1, 0], [1, 1, 1]], float)
-    p = np.array(
-        [
-            [0.1, 0.3, 0.5],
-            [0.3, 0.2, 0.5],
-            [0.35, 0.9, 0.1],
-            [0.8, 0.5, 0.9],
-            [0.2, 0.1, 0.2],
-            [0.7, 0.4, 0.5],
-        ]
-    )  # class c has a tie at 0.5 across both labels; class b has one label value
+    # class c has a tie at 0.5 across both labels; class b has one label value
+    p = np.array([[0.1, 0.3, 0.5], [0.3, 0.2, 0.5], [0.35, 0.9, 0.1], [0.8, 0.5, 0.9], [0.2, 0.1, 0.2],
+                  [0.7, 0.4, 0.5]])  # fmt: skip
     rows, macro, skipped = evaluate.compute_metrics(y, p, ["a", "b", "c"])
     assert skipped == ["b"] and macro["classes"] == 2 and macro["skipped"] == 1
     by_class = {r["class"]: r for r in rows}
@@ -294,3 +287,9 @@ def test_predictions_csv_round_trip(tmp_path):
     assert read["cases"] == read["patients"] == ["a", "b", "c"] and read["classes"] == ["Lung nodule", "x,y"]
     np.testing.assert_array_equal(y, read["y_true"])
     np.testing.assert_array_equal(p, read["y_prob"])
+
+
+def test_a_model_without_seg_head_says_so_when_given_a_mask():
+    net = CTClassifier("r3d", 3, (32, 32, 32))
+    with pytest.raises(ValueError, match="no segmentation head"):
+        net(torch.randn(1, 1, 32, 32, 32), torch.zeros(1, 32, 32, 32, dtype=torch.long))

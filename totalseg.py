@@ -101,9 +101,7 @@ class FastTotal:
 
     def predict(self, volume, zooms):
         """nnU-Net on an (x, y, z) volume: it takes (channel, z, y, x) with the spacing in that order."""
-        threads = (
-            torch.get_num_threads()
-        )  # as TotalSegmentator's call: all cores on a CPU, one thread on a GPU
+        threads = torch.get_num_threads()  # TotalSegmentator's call: all cores on a CPU, one thread on a GPU
         torch.set_num_threads(multiprocessing.cpu_count() if self.device.type == "cpu" else 1)
         try:
             image = np.ascontiguousarray(volume.transpose(2, 1, 0))[None].astype(np.float32)

@@ -12,6 +12,7 @@ After a crash, rerun the same command with --resume: on CPU it ends where an uni
 """
 
 import argparse
+import functools
 import math
 import os
 import re
@@ -36,6 +37,14 @@ TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6}  #
 # fmt: on
 ITERATION_FIELDS = ("epoch", "iteration", "loss", "cls_loss", "seg_loss", "grad_norm", "lr", "data_time")
 EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
+# what a resumed run must share with its checkpoint, or its steps, crops and schedule would not line up
+# fmt: off
+RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
+                   "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases")
+STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
+         "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
+         "sharpness.json")
+# fmt: on
 
 
 def get_args_parser():
@@ -138,7 +147,7 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
         if len(log.pending) == args.print_freq or last or save_now:
             log.flush()
         if save_now:
-            save("checkpoint.pth", it + 1)
+            save(it + 1)
         if last:
             break
         t_end = time.time()
@@ -146,6 +155,13 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
 
 def setup_model(args, task, device):
     """(model, optimizer, scaler, iteration, best validation AUC): new, from Kinetics-400 or from --resume."""
+    try:
+        return build(args, task, device)
+    except (OSError, ValueError, RuntimeError) as error:
+        sys.exit(f"cannot set up the model: {error}")
+
+
+def build(args, task, device):
     torch.manual_seed(args.seed)
     model = build_model(args.model, task, args.seg, args.seg_chunk)
     if args.pretrained and not args.resume:
@@ -157,16 +173,18 @@ def setup_model(args, task, device):
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp and utils.amp_dtype(device) == torch.float16)
     if not args.resume:
         return model, optimizer, scaler, 0, -math.inf
-    settings = {k: getattr(args, k) for k in ("dataset", "model", "seg", "batch_size")}
-    settings = None if args.test_only else {**settings, "world_size": utils.get_world_size()}
+    settings = {key: getattr(args, key) for key in RESUME_SETTINGS}
+    settings.update(world_size=utils.get_world_size(), task=task.to_dict())
+    settings = None if args.test_only else settings  # evaluation only: any checkpoint of the task will do
     checkpoint = utils.resume(args.resume, model, optimizer, scaler, settings)
     if utils.get_rank() == 0:
         print(f"resumed from {args.resume} at iteration {checkpoint['iteration']}")
     return model, optimizer, scaler, checkpoint["iteration"], checkpoint["best_auc"]
 
 
-def prepare_logs(args, iteration):
-    """A new run starts new logs; a resumed one drops the rows logged after its checkpoint."""
+def prepare_folder(args, iteration):
+    """A new run starts new logs and leaves no output of an earlier run in its folder; a resumed one drops the
+    log rows written after its checkpoint."""
     for name, fields, keep in (
         ("iterations.csv", ITERATION_FIELDS, lambda row: int(row["iteration"]) < iteration),
         ("epochs.csv", EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration),
@@ -175,6 +193,9 @@ def prepare_logs(args, iteration):
         if iteration == 0 and os.path.exists(path):
             os.remove(path)
         utils.CSVLog(path, fields).truncate(keep)
+    for name in STALE if iteration == 0 else ():
+        if os.path.exists(os.path.join(args.output_dir, name)):
+            os.remove(os.path.join(args.output_dir, name))
 
 
 def validate(model, loaders, task, args, epoch, iteration, seconds):
@@ -197,6 +218,12 @@ def validate(model, loaders, task, args, epoch, iteration, seconds):
 
 def prepare_run(args):
     """Datasets, the task and Table 4's defaults; rank 0 writes config.json and prints what the run uses."""
+    if args.dataset != "synthetic" and not args.data_path:
+        sys.exit(f"--dataset {args.dataset} needs --data-path (the folder holding its label files)")
+    if args.test_only and args.resume in (None, "auto") and not args.output_dir:
+        sys.exit("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
+    if args.test_only and args.output_dir is None:  # the predictions go beside the evaluated checkpoint
+        args.output_dir = os.path.dirname(os.path.abspath(args.resume))
     args.prep_dir = args.prep_dir or (os.path.join(args.data_path, "prep") if args.data_path else None)
     try:
         splits, task = data.build_datasets(args)
@@ -204,79 +231,85 @@ def prepare_run(args):
         sys.exit(f"cannot build the {args.dataset} dataset: {error}")
     notes = fill_defaults(args, task)
     os.makedirs(args.output_dir, exist_ok=True)
-    if (
-        args.resume == "auto"
-    ):  # resume if there is something to resume from: a requeued job reruns one command
+    if args.resume == "auto":  # a requeued job reruns one command: resume if there is a checkpoint
         path = os.path.join(args.output_dir, "checkpoint.pth")
         args.resume = path if os.path.exists(path) else None
+    if args.test_only and not args.resume:
+        sys.exit(f"--test-only: no checkpoint to evaluate in {args.output_dir}")
     if utils.get_rank() == 0:
-        utils.write_json(os.path.join(args.output_dir, "config.json"), {**vars(args), "task": task.to_dict()})
-        processes, seg = utils.get_world_size(), "with" if args.seg else "without"
-        cases = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
-        print(f"{args.dataset} / {args.model} / {seg} segmentation supervision -> {args.output_dir}")
-        print("  " + "\n  ".join(notes))
-        print(f"  crop {task.crop} (D, H, W), HU window {task.window}, {len(task.classes)} classes")
-        effective = f"{processes} process(es) x batch {args.batch_size} = {processes * args.batch_size}"
-        print(f"  cases: {cases}; effective batch: {effective}")
-        if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
-            print(
-                "  "
-                + data.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
-            )
+        describe(args, task, splits, notes)
     return splits, task
+
+
+def describe(args, task, splits, notes):
+    """config.json (not for --test-only: the run's own stays) and the lines that say what the run uses."""
+    if not args.test_only:
+        utils.write_json(os.path.join(args.output_dir, "config.json"), {**vars(args), "task": task.to_dict()})
+    processes, seg = utils.get_world_size(), "with" if args.seg else "without"
+    print(f"{args.dataset} / {args.model} / {seg} segmentation supervision -> {args.output_dir}")
+    print("  " + "\n  ".join(notes))
+    print(f"  crop {task.crop} (D, H, W), HU window {task.window}, {len(task.classes)} classes")
+    effective = f"{processes} process(es) x batch {args.batch_size} = {processes * args.batch_size}"
+    print(f"  cases: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; effective batch: {effective}")
+    if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
+        print(
+            "  " + data.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
+        )
+
+
+def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, args, task):
+    """Rank 0 writes one dict of tensors and plain types, the task under its own key."""
+    if utils.get_rank() == 0:
+        state = dict(model=utils.unwrap(model).state_dict(), optimizer=optimizer.state_dict())
+        state.update(scaler=scaler.state_dict(), args=vars(args), task=task.to_dict(), iteration=iteration)
+        state.update(best_auc=best_auc, world_size=utils.get_world_size())
+        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
 
 
 def main(args):
     rank, world_size, args.device = utils.init_distributed(args.device)
     splits, task = prepare_run(args)
-    try:
-        model, optimizer, scaler, iteration, best_auc = setup_model(args, task, torch.device(args.device))
-    except (OSError, ValueError, RuntimeError) as error:
-        sys.exit(f"cannot set up the model: {error}")
+    model, optimizer, scaler, iteration, best_auc = setup_model(args, task, torch.device(args.device))
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, utils.device_ids(args.device))
-    train_loader = data.make_loader(splits["train"], args, train=True)
-    loaders = {
-        name: data.make_loader(splits[name], args, train=False) for name in ("val", "test") if name in splits
-    }
+    train_loader, loaders = data.make_loaders(splits, args)
     per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
     if per_epoch == 0:
         sys.exit(
-            f"training set of {len(splits['train'])} cases is smaller than one batch of {args.batch_size}"
+            f"the training set ({len(splits['train'])} cases) is smaller than a batch of {args.batch_size}"
         )
-    if rank == 0:
-        prepare_logs(args, iteration)
-
-    def save(
-        name, iteration
-    ):  # rank 0 writes one dict of tensors and plain types, the task under its own key
-        if rank == 0:
-            state = dict(
-                model=utils.unwrap(model).state_dict(), optimizer=optimizer.state_dict(), args=vars(args)
-            )
-            state.update(scaler=scaler.state_dict(), task=task.to_dict(), iteration=iteration)
-            state.update(best_auc=best_auc, world_size=world_size)
-            utils.save_checkpoint(os.path.join(args.output_dir, name), state)
-
-    start_epoch, first_step = divmod(iteration, per_epoch)
+    if rank == 0 and not args.test_only:
+        prepare_folder(args, iteration)
+    save = functools.partial(
+        save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, args=args, task=task
+    )
+    mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
+    (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None
     for epoch in range(start_epoch, start_epoch if args.test_only else args.epochs):
         train_loader.sampler.set_epoch(epoch, skip=first_step)
         t0 = time.time()
-        train_one_epoch(
-            model, optimizer, scaler, train_loader, task, args, epoch, (first_step, per_epoch), save
-        )
+        steps = (first_step, per_epoch)
+        train_one_epoch(model, optimizer, scaler, train_loader, task, args, epoch, steps, mid_epoch)
         first_step, iteration = 0, (epoch + 1) * per_epoch
         auc = validate(model, loaders, task, args, epoch, iteration, time.time() - t0)
-        if auc > best_auc:
-            best_auc = auc
-            save("checkpoint_best.pth", iteration)
-        save("checkpoint.pth", iteration)
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")  # with a validation split, test its best
-    if "val" in loaders and os.path.exists(best) and not args.test_only:
-        utils.unwrap(model).load_state_dict(utils.load_checkpoint(best)["model"])
+        if auc > best_auc:  # every process computed the same AUC: each keeps the best weights in memory
+            best_auc, best_state = auc, utils.cpu_state(model)
+            save("checkpoint_best.pth", iteration, best_auc)
+        save("checkpoint.pth", iteration, best_auc)
+    if "val" in loaders and not args.test_only:  # with a validation split, test the best on it
+        best_state = best_state or best_from_file(os.path.join(args.output_dir, "checkpoint_best.pth"))
+        if best_state is not None:
+            utils.unwrap(model).load_state_dict(best_state)
     evaluate.write_outputs(utils.unwrap(model), loaders, task, args.output_dir, args.seg, args.amp)
     if world_size > 1:
         torch.distributed.destroy_process_group()
+
+
+def best_from_file(path):
+    """The best weights of a resumed run whose best epoch came before the crash (None without one)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # rank 0 has finished writing it
+    return utils.load_checkpoint(path)["model"] if os.path.exists(path) else None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Nothing here is part of the method; it is kept out of the scripts so that they r
 
 import contextlib
 import csv
+import itertools
 import json
 import math
 import os
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+_TEMPORARY = itertools.count()
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -21,13 +24,20 @@ def atomic_path(path):
     a crash or kill -9 at any moment leaves the previous complete file or the new one, never half of one."""
     folder, name = os.path.split(os.fspath(path))
     extension = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-    tmp = os.path.join(folder, f".{name[: len(name) - len(extension)]}.tmp{extension}")
+    # unique per writer: processes (shards, ranks) writing the same file never touch each other's temporary
+    unique = f"{os.getpid()}-{next(_TEMPORARY)}"
+    tmp = os.path.join(folder, f".{name[: len(name) - len(extension)]}.tmp{unique}{extension}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def write_json(path, obj):
@@ -51,7 +61,7 @@ def read_log(path, fields):
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is not None and reader.fieldnames != list(fields):
-            raise ValueError(
+            raise BadInput(
                 f"{path}: header {reader.fieldnames[:3]}... is not {list(fields)[:3]}... (a log from an "
                 "older version, without a header?); move it away or start a new --output-dir"
             )
@@ -144,6 +154,11 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
+def cpu_state(model):
+    """A copy of the model's weights on the CPU (the best epoch's, kept in memory)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+
+
 def device_ids(device):
     """DistributedDataParallel's device_ids: [the process's GPU], or None on CPU (gloo)."""
     device = torch.device(device)
@@ -216,8 +231,8 @@ def load_checkpoint(path):
 
 def check_resumable(checkpoint, current, path):
     """A run resumes only with the settings it was trained with (else its steps and crops would not line up);
-    `current`: {setting: value now}, compared with the checkpoint's args and world size."""
-    saved = {**checkpoint["args"], "world_size": checkpoint["world_size"]}
+    `current`: {setting: value now}, compared with the checkpoint's args, world size and task."""
+    saved = {**checkpoint["args"], "world_size": checkpoint["world_size"], "task": checkpoint["task"]}
     for key, value in current.items():
         if saved.get(key) != value:
             raise ValueError(f"{path}: trained with {key}={saved.get(key)!r}, now {value!r}")

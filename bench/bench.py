@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ct_io  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from model import ARCHS, CTClassifier, compute_loss  # noqa: E402
+from model import ARCHS, build_model, compute_loss  # noqa: E402
 
 
 def timed(fn):
@@ -110,9 +110,7 @@ def bench_data_path(repeats, n_cases=8):
         flat = [(np.ones(size, np.int16), np.ones(size, np.uint8)) for _ in range(n_cases)]
         keys = iter(range(10**6))
 
-        def ours(
-            ds=dataset,
-        ):  # what a DataLoader worker does per training sample: CT and mask windows, batched
+        def ours(ds=dataset):  # per training sample, what a DataLoader worker does
             batch = ds.collate([ds[next(keys)]])
             assert batch["ct"].shape == (1, 1, *crop) and batch["mask"].shape == (1, *crop)
 
@@ -169,15 +167,16 @@ def train_step(model, optimizer, x, labels, mask):
 
 def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
     print(f"segmentation branch on CPU, crop {crop}, batch {batch}, medians of {repeats} interleaved steps:")
-    x, labels = torch.randn(batch, 1, *crop), torch.randint(0, 2, (batch, 18)).float()
+    task = data.make_task("ctrate", crop)  # 18 classes, 6 chest structures
+    x, labels = torch.randn(batch, 1, *crop), torch.randint(0, 2, (batch, len(task.classes))).float()
     mask = torch.randint(0, 7, (batch, *crop), dtype=torch.uint8)
     results = {}
     for arch in ARCHS:
         torch.manual_seed(0)
-        plain = CTClassifier(arch, 18, crop).train()
-        seg = CTClassifier(arch, 18, crop, seg_classes=7).train()
+        plain = build_model(arch, task).train()
+        seg = build_model(arch, task, seg=True).train()
         seg.load_state_dict(plain.state_dict(), strict=False)  # same backbone and head weights
-        chunked = CTClassifier(arch, 18, crop, seg_classes=7, seg_chunk=8).train()
+        chunked = build_model(arch, task, seg=True, seg_chunk=8).train()
         chunked.load_state_dict(seg.state_dict())
         optimizers = [torch.optim.AdamW(m.parameters(), 1e-5) for m in (plain, seg, chunked)]
         steps = [
@@ -209,7 +208,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=0):
         rows = {}
         for seg in (False, True):
             torch.manual_seed(0)
-            model = CTClassifier(arch, 18, crop, seg_classes=7 if seg else 0, seg_chunk=chunk)
+            model = build_model(arch, data.make_task("ctrate", crop), seg, chunk)
             model = model.to(device).train()
             optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
             ct = torch.randint(-1000, 1000, (batch, 1, *crop), dtype=torch.int16, device=device)
@@ -256,7 +255,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
             pin_memory=device == "cuda",
             persistent_workers=workers > 0,
         )
-        model = CTClassifier("r3d", 18, crop, seg_classes=7).to(device).train()
+        model = build_model("r3d", data.make_task("ctrate", crop), seg=True).to(device).train()
         optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
         wait = total = 0.0
         start = time.perf_counter()

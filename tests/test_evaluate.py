@@ -63,10 +63,8 @@ def test_two_level_bootstrap_widens_the_interval_by_the_spread_of_seeds():
 
 
 def test_thresholds_from_validation(tmp_path):
-    y_val, p_val = (
-        np.array([[0], [0], [1], [1]]),
-        np.array([[0.1], [0.3], [0.6], [0.9]]),
-    )  # Youden on val: 0.6
+    # Youden's threshold on the validation predictions: 0.6
+    y_val, p_val = np.array([[0], [0], [1], [1]]), np.array([[0.1], [0.3], [0.6], [0.9]])
     y_test, p_test = np.array([[0], [1], [1], [0]]), np.array([[0.5], [0.55], [0.7], [0.65]])
     evaluate.write_predictions(tmp_path / "predictions_val.csv", list("abcd"), y_val, p_val, ["x"])
     evaluate.write_predictions(tmp_path / "predictions_test.csv", list("efgh"), y_test, p_test, ["x"])
@@ -191,3 +189,12 @@ def test_per_patient_evaluation_averages_a_patients_series(tmp_path):
     )
     with pytest.raises(ValueError, match="different labels"):
         evaluate.read_predictions(str(path), per="patient")
+
+
+def test_a_predictions_file_of_another_name_is_never_overwritten(tmp_path):
+    y, p = np.array([[0], [1], [1], [0]]), np.array([[0.1], [0.8], [0.7], [0.2]])
+    evaluate.write_predictions(tmp_path / "mine.csv", list("abcd"), y, p, ["x"])
+    before = (tmp_path / "mine.csv").read_text()
+    evaluate.evaluate_predictions(str(tmp_path / "mine.csv"), quiet=True)
+    assert (tmp_path / "mine.csv").read_text() == before
+    assert (tmp_path / "mine.metrics.json").exists() and (tmp_path / "mine.metrics.csv").exists()

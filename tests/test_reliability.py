@@ -208,3 +208,31 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     metrics = [open(tmp_path / run / "metrics_test.csv").read() for run in ("one", "two")]
     assert metrics[0].splitlines()[-1][:30] == metrics[1].splitlines()[-1][:30]
     assert len(log_rows(tmp_path / "two" / "iterations.csv")) == 2  # 8 cases / (2 processes x 2) per step
+
+
+def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path):
+    run_train(tmp_path / "run")
+    with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with epochs=2, now 3"):
+        train_cli(*SMALL, "--epochs", "3", "--output-dir", tmp_path / "run", "--resume")
+    with pytest.raises(SystemExit, match="--test-only evaluates a checkpoint"):
+        train_cli(*SMALL, "--test-only")
+    log = (tmp_path / "run" / "iterations.csv").read_text()
+    train_cli(*SMALL, "--test-only", "--resume", tmp_path / "run" / "checkpoint.pth")  # into the run's folder
+    assert (tmp_path / "run" / "iterations.csv").read_text() == log  # its logs are left as they were
+
+
+def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path):
+    run_train(tmp_path, "--seg")
+    (tmp_path / "sharpness.json").write_text("{}")
+    train_cli(*SMALL, "--output-dir", tmp_path)  # without --seg, without --resume: a new run
+    assert not (tmp_path / "dice_test.json").exists() and not (tmp_path / "sharpness.json").exists()
+
+
+def test_a_log_without_header_ends_in_one_line(tmp_path):
+    run_train(tmp_path)
+    rows = (tmp_path / "iterations.csv").read_text().splitlines()
+    (tmp_path / "iterations.csv").write_text("\n".join(rows[1:]) + "\n")  # as an older version wrote it
+    command = [sys.executable, "train.py", *SMALL, "--output-dir", str(tmp_path), "--resume"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "iterations.csv: header" in result.stderr.strip().splitlines()[-1]
