@@ -327,32 +327,6 @@ def check_prep_dir(prep_dir, data_path):
                    f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})")  # fmt: skip
 
 
-def label_tables(args):
-    """{split: (case ids, labels, patients)} of a dataset on disk."""
-    if args.dataset == "ctrate":
-        return labels.ctrate_tables(args.data_path)
-    if args.dataset == "radchest":
-        return labels.radchest_tables(args.data_path)
-    if args.dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
-        return labels.ratic_tables(
-            args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed
-        )
-    return labels.synthetic_tables(args.data_path)
-
-
-def mask_report(prep_dir, case_ids):
-    """One line on the masks' quality control (make_masks.py's masks_summary.csv) for these cases."""
-    path = os.path.join(prep_dir, "masks_summary.csv")
-    if not os.path.exists(path):
-        return f"masks: no {path} (made by an older make_masks.py?), not checked"
-    rows = {r["case_id"]: r for r in labels.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
-    known = [rows[c] for c in case_ids if c in rows]
-    missing = [r for r in known if r["missing"]]
-    example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""
-    return (f"masks: {len(missing)} of {len(known)} case(s) miss a structure{example}; "
-            f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})")  # fmt: skip
-
-
 def build_datasets(args):
     """{split: CTDataset} and the run's Task."""
     task = make_task(args.dataset, args.crop, args.pad)
@@ -369,7 +343,7 @@ def build_datasets(args):
             s: make(*synthetic.synthetic_split(s, n), s) for s, n in zip(("train", "val", "test"), sizes)
         }, task
     check_prep_dir(args.prep_dir, args.data_path)
-    tables = label_tables(args)
+    tables = labels.tables(args)
     if args.val_fraction and "val" not in tables:
         labels.hold_out(tables, args.val_fraction)
     splits, stamp = {}, mask_stamp(task.region) if args.seg else None

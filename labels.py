@@ -167,3 +167,14 @@ def hold_out(tables, fraction):
     pick = lambda values, keep: [v for v, k in zip(values, keep) if k]  # noqa: E731
     tables["train"] = (pick(ids, ~val), labels[~val], pick(groups, ~val))
     tables["val"] = (pick(ids, val), labels[val], pick(groups, val))
+
+
+def tables(args):
+    """{split: (case ids, labels, patients)} of a dataset on disk."""
+    if args.dataset == "ctrate":
+        return ctrate_tables(args.data_path)
+    if args.dataset == "radchest":
+        return radchest_tables(args.data_path)
+    if args.dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
+        return ratic_tables(args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed)
+    return synthetic_tables(args.data_path)

@@ -7,6 +7,7 @@ rewritten atomically. A preview is three orthogonal slices through the mask, the
 """
 
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -86,3 +87,16 @@ def write_preview(dst, case, region):
     with utils.atomic_path(dst / "preview" / f"{case}.png") as tmp:
         fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
+
+
+def mask_report(prep_dir, case_ids):
+    """One line on the masks' quality control (make_masks.py's masks_summary.csv) for these cases."""
+    path = os.path.join(prep_dir, "masks_summary.csv")
+    if not os.path.exists(path):
+        return f"masks: no {path} (made by an older make_masks.py?), not checked"
+    rows = {r["case_id"]: r for r in labels.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
+    known = [rows[c] for c in case_ids if c in rows]
+    missing = [r for r in known if r["missing"]]
+    example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""
+    return (f"masks: {len(missing)} of {len(known)} case(s) miss a structure{example}; "
+            f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})")  # fmt: skip

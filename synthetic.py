@@ -2,9 +2,9 @@
 
 Seeded and deterministic: body with fat and soft tissue, spine, two lungs split by fissures into 5 lobes, the
 heart, vessels and noise, in HU, with anatomical variation (size, position, +-8 degree rotation). Findings: a
-nodule in the right upper lobe, a nodule in the left lower lobe (nodules also occur in other lobes and must be
-ignored), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Masks use the chest scheme of
-make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size.
+nodule in the right upper lobe, a nodule in the left lower lobe (decoy nodules also occur in other lobes and
+must be ignored; NODULES), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Masks use the
+chest scheme of make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size.
 
     python synthetic.py                          # synthetic_preview.png: a few slices and masks
     python synthetic.py --write synth/    # synth/ct, synth/totalseg (TotalSegmentator ids), synth/labels.csv

@@ -24,6 +24,7 @@ import torch
 
 import data
 import evaluate
+import mask_qc
 import utils
 from model import ARCHS, build_model, compute_loss
 from pretrained import load_pretrained
@@ -155,13 +156,6 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
 
 def setup_model(args, task, device):
     """(model, optimizer, scaler, iteration, best validation AUC): new, from Kinetics-400 or from --resume."""
-    try:
-        return build(args, task, device)
-    except (OSError, ValueError, RuntimeError) as error:
-        sys.exit(f"cannot set up the model: {error}")
-
-
-def build(args, task, device):
     torch.manual_seed(args.seed)
     model = build_model(args.model, task, args.seg, args.seg_chunk)
     if args.pretrained and not args.resume:
@@ -183,19 +177,11 @@ def build(args, task, device):
 
 
 def prepare_folder(args, iteration):
-    """A new run starts new logs and leaves no output of an earlier run in its folder; a resumed one drops the
-    log rows written after its checkpoint."""
-    for name, fields, keep in (
-        ("iterations.csv", ITERATION_FIELDS, lambda row: int(row["iteration"]) < iteration),
-        ("epochs.csv", EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration),
-    ):
-        path = os.path.join(args.output_dir, name)
-        if iteration == 0 and os.path.exists(path):
-            os.remove(path)
-        utils.CSVLog(path, fields).truncate(keep)
-    for name in STALE if iteration == 0 else ():
-        if os.path.exists(os.path.join(args.output_dir, name)):
-            os.remove(os.path.join(args.output_dir, name))
+    """A new run starts new logs and leaves no output of an earlier run; a resumed one drops the log rows
+    written after its checkpoint."""
+    logs = {"iterations.csv": (ITERATION_FIELDS, lambda row: int(row["iteration"]) < iteration),
+            "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
+    utils.prepare_folder(args.output_dir, logs, (*logs, *STALE) if iteration == 0 else ())
 
 
 def validate(model, loaders, task, args, epoch, iteration, seconds):
@@ -253,23 +239,29 @@ def describe(args, task, splits, notes):
     print(f"  cases: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; effective batch: {effective}")
     if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
         print(
-            "  " + data.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
+            "  "
+            + mask_qc.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
         )
 
 
-def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, args, task):
-    """Rank 0 writes one dict of tensors and plain types, the task under its own key."""
+def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, args, task, resumable=True):
+    """Rank 0 writes one dict of tensors and plain types, the task under its own key. The best checkpoint
+    keeps only the weights (a third of the size: AdamW's two moments are twice the model)."""
     if utils.get_rank() == 0:
-        state = dict(model=utils.unwrap(model).state_dict(), optimizer=optimizer.state_dict())
-        state.update(scaler=scaler.state_dict(), args=vars(args), task=task.to_dict(), iteration=iteration)
-        state.update(best_auc=best_auc, world_size=utils.get_world_size())
+        state = dict(model=utils.unwrap(model).state_dict(), args=vars(args), task=task.to_dict())
+        if resumable:
+            state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
+        state.update(iteration=iteration, best_auc=best_auc, world_size=utils.get_world_size())
         utils.save_checkpoint(os.path.join(args.output_dir, name), state)
 
 
 def main(args):
     rank, world_size, args.device = utils.init_distributed(args.device)
     splits, task = prepare_run(args)
-    model, optimizer, scaler, iteration, best_auc = setup_model(args, task, torch.device(args.device))
+    try:
+        model, optimizer, scaler, iteration, best_auc = setup_model(args, task, torch.device(args.device))
+    except (OSError, ValueError, RuntimeError) as error:
+        sys.exit(f"cannot set up the model: {error}")
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, utils.device_ids(args.device))
     train_loader, loaders = data.make_loaders(splits, args)
@@ -294,7 +286,7 @@ def main(args):
         auc = validate(model, loaders, task, args, epoch, iteration, time.time() - t0)
         if auc > best_auc:  # every process computed the same AUC: each keeps the best weights in memory
             best_auc, best_state = auc, utils.cpu_state(model)
-            save("checkpoint_best.pth", iteration, best_auc)
+            save("checkpoint_best.pth", iteration, best_auc, resumable=False)
         save("checkpoint.pth", iteration, best_auc)
     if "val" in loaders and not args.test_only:  # with a validation split, test the best on it
         best_state = best_state or best_from_file(os.path.join(args.output_dir, "checkpoint_best.pth"))

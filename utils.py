@@ -133,6 +133,16 @@ class StepLog:
             print(f"epoch {r['epoch']} it {r['iteration'] + 1}/{self.total}  {losses}  {step}", flush=True)
 
 
+def prepare_folder(folder, logs, stale=()):
+    """Remove the `stale` files (an earlier run's), then keep the rows of each log {name: (fields, keep(row))}
+    that a resumed run has not redone (dropping a line torn by a kill too)."""
+    for name in stale:
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    for name, (fields, keep) in logs.items():
+        CSVLog(os.path.join(folder, name), fields).truncate(keep)
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 
@@ -245,8 +255,11 @@ def resume(path, model, optimizer, scaler, current=None):
     if current is not None:
         check_resumable(checkpoint, current, path)
     model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if "optimizer" in checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+    elif current is not None:  # checkpoint_best.pth: weights only, enough to evaluate, not to train on
+        raise ValueError(f"{path}: holds only the best weights; resume training from checkpoint.pth")
     return checkpoint
 
 

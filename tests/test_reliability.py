@@ -219,6 +219,11 @@ def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path
     log = (tmp_path / "run" / "iterations.csv").read_text()
     train_cli(*SMALL, "--test-only", "--resume", tmp_path / "run" / "checkpoint.pth")  # into the run's folder
     assert (tmp_path / "run" / "iterations.csv").read_text() == log  # its logs are left as they were
+    best = tmp_path / "run" / "checkpoint_best.pth"  # weights only: evaluated, not trained on
+    assert "optimizer" not in torch.load(best, weights_only=True)
+    train_cli(*SMALL, "--test-only", "--resume", best)
+    with pytest.raises(SystemExit, match="holds only the best weights; resume training from checkpoint.pth"):
+        train_cli(*SMALL, "--output-dir", tmp_path / "run", "--resume", best)
 
 
 def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path):
