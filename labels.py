@@ -1,11 +1,13 @@
 """Classes and label tables of each dataset, read from the files it distributes (paper §3.1, Tables 2, 7-9).
 
 Every table is {split: (case ids, labels (N, K) float32, groups)}; a group is the patient, so that held-out
-validation and RATIC's per-patient evaluation never mix one patient's scans across sets.
+validation and RATIC's per-patient evaluation never mix one patient's scans across sets. The predictions
+files a run writes (true and predicted labels per case) are read and written here too.
 """
 
 import csv
 import os
+import sys
 import zlib
 
 import numpy as np
@@ -178,3 +180,59 @@ def tables(args):
     if args.dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
         return ratic_tables(args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed)
     return synthetic_tables(args.data_path)
+
+
+# ----------------------------------------------------------------------------- predictions files
+
+
+def read_predictions(path, per="case"):
+    """Predictions CSV (case_id, patient_id, true:<class>..., prob:<class>...) -> {"cases", "patients",
+    "y_true", "y_prob", "classes"}: a row per case, or per patient (by_patient) if per is "patient"/"auto"."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header, rows = next(reader, None), list(reader)
+    if not header or header[0] != "case_id":
+        sys.exit(f"{path}: not a predictions CSV (first column must be case_id)")
+    names = [h[len("true:") :] for h in header if h.startswith("true:")]
+    if not names or [h[len("prob:") :] for h in header if h.startswith("prob:")] != names or not rows:
+        sys.exit(f"{path}: needs matching true:<class> and prob:<class> columns and at least one row")
+    first = header.index(f"true:{names[0]}")
+    values = np.array([[float(v) for v in r[first : first + 2 * len(names)]] for r in rows])
+    patients = [r[header.index("patient_id")] if "patient_id" in header else r[0] for r in rows]
+    cases = [r[0] for r in rows]
+    predictions = dict(cases=cases, patients=patients, y_true=values[:, : len(names)], classes=names)
+    predictions["y_prob"] = values[:, len(names) :]
+    return by_patient(predictions, path) if unit(per, names) == "patient" else predictions
+
+
+def unit(per, classes):
+    """What a row of the metrics is: RATIC is evaluated per patient (paper §3.1: 2,500 / 647 patients)."""
+    return ("patient" if set(classes) == set(RATIC_COLUMNS) else "case") if per == "auto" else per
+
+
+def by_patient(predictions, source="predictions"):
+    """A row per patient: the mean probability of the patient's cases (RATIC: series); their labels agree."""
+    order, group = np.unique(predictions["patients"], return_inverse=True)
+    counts = np.bincount(group)[:, None]
+    sums = {key: np.zeros((len(order), predictions[key].shape[1])) for key in ("y_true", "y_prob")}
+    for key, total in sums.items():
+        np.add.at(total, group, predictions[key])
+    y_true = sums["y_true"] / counts
+    if not np.all((y_true == 0) | (y_true == 1)):
+        raise ValueError(
+            f"{source}: the cases of one patient carry different labels; cannot evaluate per patient"
+        )
+    patients = [str(p) for p in order]
+    return dict(cases=patients, patients=patients, y_true=y_true, y_prob=sums["y_prob"] / counts,
+                classes=predictions["classes"], unit="patient")  # fmt: skip
+
+
+def write_predictions(path, case_ids, y_true, y_prob, class_names, patients=None):
+    header = (
+        ["case_id", "patient_id"] + [f"true:{c}" for c in class_names] + [f"prob:{c}" for c in class_names]
+    )
+    rows = [
+        [case, patient] + [f"{v:g}" for v in t] + [f"{v:.6g}" for v in p]
+        for case, patient, t, p in zip(case_ids, patients or case_ids, y_true, y_prob)
+    ]
+    utils.write_csv(path, header, rows)
