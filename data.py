@@ -17,12 +17,12 @@ import warnings
 import zlib
 from collections import OrderedDict
 
-import nibabel as nib
 import numpy as np
 import torch
 
 import labels
 import utils
+from ct_io import AIR_HU, check_layouts, check_prep_dir, nifti_layout
 from utils import BadInput
 
 # fmt: off
@@ -34,7 +34,6 @@ REGIONS = {  # paper Table 3; sizes (D, H, W)
         "liver", "spleen", "kidney_left", "kidney_right", "bowel")),
 }
 # fmt: on
-AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
 OPEN_VOLUMES = 64  # memory maps (CT + mask) a process keeps open; each costs one file descriptor
 
 
@@ -118,44 +117,6 @@ def read_window(volume, starts, size, fill):
     out = np.full(size, fill, dtype=volume.dtype)
     out[tuple(dst)] = volume[tuple(src)]
     return out
-
-
-def nifti_layout(path):
-    """Where the voxels of an uncompressed NIfTI written by make_masks.py lie: {shape (D, H, W), dtype,
-    offset, affine}. Raises BadInput for anything a memory map could not read correctly (compressed, scaled,
-    torn)."""
-    path = str(path)
-    if not path.endswith(".nii"):
-        raise BadInput(f"{path}: expected an uncompressed .nii written by make_masks.py")
-    with open(path, "rb") as f:
-        header = nib.Nifti1Header.from_fileobj(f)
-    shape = header.get_data_shape()
-    slope, inter = header.get_slope_inter()
-    if len(shape) != 3 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
-        raise BadInput(f"{path}: expected an unscaled 3D volume, got shape {shape}, scaling {slope}, {inter}")
-    dtype, offset = header.get_data_dtype(), int(header["vox_offset"])
-    if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
-        raise BadInput(f"{path}: file is shorter than its header says (truncated copy?)")
-    description = header["descrip"].item().decode(errors="replace").strip("\x00 ")
-    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine(),
-            "description": description}  # fmt: skip
-
-
-def check_layouts(paths, layouts, stamp=None):
-    """A case's stored CT (and mask): make_masks.py's data types, one grid, the mask made for this region."""
-    for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
-        if layout["dtype"] != dtype:
-            raise BadInput(f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py)")
-    if len(paths) < 2:
-        return
-    (ct_path, mask_path), (ct, mask) = paths, layouts
-    if ct["shape"] != mask["shape"] or not np.allclose(ct["affine"], mask["affine"], atol=1e-3):
-        raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
-                       "(shape or affine)")  # fmt: skip
-    if stamp is not None and mask["description"] != stamp:
-        found = mask["description"] or "no region stamp (made by an older make_masks.py?)"
-        raise BadInput(f"{mask_path}: {found!r}, this run needs {stamp!r}: rerun make_masks.py with the "
-                       "right --region for these cases (a rerun redoes masks of another scheme)")  # fmt: skip
 
 
 class StoredVolumes:
@@ -305,26 +266,6 @@ def make_loaders(splits, args):
         split: make_loader(splits[split], args, train=False) for split in ("val", "test") if split in splits
     }
     return make_loader(splits["train"], args, train=True), evaluation
-
-
-def check_prep_dir(prep_dir, data_path):
-    """Fail before anything is read or written if make_masks.py's output is not where the run looks, naming
-    the folder searched and any prepared folder found below --data-path (e.g. one level too high)."""
-    if os.path.isdir(os.path.join(prep_dir, "ct")):
-        return
-    found = []
-    for root, dirs, _ in os.walk(data_path or "."):
-        depth = os.path.relpath(root, data_path or ".").count(os.sep)
-        if {"ct", "mask"} <= set(dirs) and os.path.abspath(root) != os.path.abspath(prep_dir):
-            found.append(root)
-        dirs[:] = (
-            [] if depth >= 3 or len(found) >= 3 else [d for d in sorted(dirs) if d not in ("ct", "mask")]
-        )
-    hint = (
-        "; found prepared folder(s) " + ", ".join(found) + " (--prep-dir, or a --data-path one level down?)"
-    )
-    raise BadInput(f"no preprocessed volumes: {os.path.join(prep_dir, 'ct')} does not exist "
-                   f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})")  # fmt: skip
 
 
 def build_datasets(args):

@@ -105,7 +105,7 @@ def is_done(dst, case, stamp):
     """CT, QC record and mask (written last) exist, are complete, share one grid and the mask has this
     region's stamp. A mask stamped for the other region stops the run: one prep folder holds one region."""
     try:
-        ct, mask = (data.nifti_layout(dst / sub / f"{case}.nii") for sub in ("ct", "mask"))
+        ct, mask = (ct_io.nifti_layout(dst / sub / f"{case}.nii") for sub in ("ct", "mask"))
     except (OSError, ValueError):
         return False
     if mask["description"] not in (stamp, "") and mask["description"].startswith("make_masks region="):

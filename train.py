@@ -19,7 +19,6 @@ import re
 import sys
 import time
 
-import numpy as np
 import torch
 
 import data
@@ -110,11 +109,6 @@ def cosine_lr(iteration, total_iterations, base_lr, warmup_iterations=0):
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def step_seed(seed, rank, iteration):
-    """Every step draws dropout/stochastic depth from its own seed, so a resumed run replays them exactly."""
-    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
-
-
 def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, save):
     """One epoch, from step steps[0] of steps[1] per epoch; save(iteration) writes a mid-epoch checkpoint."""
     model.train()
@@ -128,7 +122,7 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
         lr = cosine_lr(it, total, args.lr, int(args.lr_warmup_epochs * per_epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(step_seed(args.seed, utils.get_rank(), it))
+        torch.manual_seed(utils.step_seed(args.seed, utils.get_rank(), it))  # a resume replays dropout
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True) if args.seg else None
@@ -238,10 +232,7 @@ def describe(args, task, splits, notes):
     effective = f"{processes} process(es) x batch {args.batch_size} = {processes * args.batch_size}"
     print(f"  cases: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; effective batch: {effective}")
     if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
-        print(
-            "  "
-            + mask_qc.mask_report(args.prep_dir, [c for split in splits.values() for c in split.case_ids])
-        )
+        print("  " + mask_qc.mask_report(args.prep_dir, [c for s in splits.values() for c in s.case_ids]))
 
 
 def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, args, task, resumable=True):
@@ -289,19 +280,12 @@ def main(args):
             save("checkpoint_best.pth", iteration, best_auc, resumable=False)
         save("checkpoint.pth", iteration, best_auc)
     if "val" in loaders and not args.test_only:  # with a validation split, test the best on it
-        best_state = best_state or best_from_file(os.path.join(args.output_dir, "checkpoint_best.pth"))
+        best_state = best_state or utils.saved_weights(os.path.join(args.output_dir, "checkpoint_best.pth"))
         if best_state is not None:
             utils.unwrap(model).load_state_dict(best_state)
     evaluate.write_outputs(utils.unwrap(model), loaders, task, args.output_dir, args.seg, args.amp)
     if world_size > 1:
         torch.distributed.destroy_process_group()
-
-
-def best_from_file(path):
-    """The best weights of a resumed run whose best epoch came before the crash (None without one)."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # rank 0 has finished writing it
-    return utils.load_checkpoint(path)["model"] if os.path.exists(path) else None
 
 
 if __name__ == "__main__":

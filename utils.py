@@ -239,6 +239,18 @@ def load_checkpoint(path):
         ) from None
 
 
+def saved_weights(path):
+    """The model weights of a checkpoint, None if there is none (every process waits for rank 0's write)."""
+    if dist.is_initialized():
+        dist.barrier()
+    return load_checkpoint(path)["model"] if os.path.exists(path) else None
+
+
+def step_seed(seed, rank, iteration):
+    """A seed per training step: dropout / stochastic depth draw from it, so a resumed run replays them."""
+    return int(np.random.SeedSequence([seed, rank, iteration]).generate_state(1)[0])
+
+
 def check_resumable(checkpoint, current, path):
     """A run resumes only with the settings it was trained with (else its steps and crops would not line up);
     `current`: {setting: value now}, compared with the checkpoint's args, world size and task."""

@@ -78,7 +78,7 @@ def test_from_totalseg_on_the_example(example_case):
     np.testing.assert_array_equal(ct[::2, ::2], np.clip(source.get_fdata(), -1000, 1000))
     counts = np.bincount(mask.ravel(), minlength=6)
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == {k: 4 * v for k, v in REFERENCE_COUNTS.items()}
-    assert data.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
+    assert ct_io.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
 
 
 def test_quality_control_summary_and_preview(example_case):

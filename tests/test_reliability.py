@@ -143,7 +143,7 @@ def test_torn_or_compressed_volumes_are_refused(prep):
     with pytest.raises(data.BadInput, match=f"{ct_path}: file is shorter than its header says"):
         build(prep)
     with pytest.raises(data.BadInput, match="expected an uncompressed .nii"):
-        data.nifti_layout(prep / "ct" / "synthetic_test_0001.nii.gz")
+        ct_io.nifti_layout(prep / "ct" / "synthetic_test_0001.nii.gz")
 
 
 def test_volume_smaller_than_the_crop_is_padded():

@@ -80,4 +80,4 @@ def test_make_masks_engines_write_identical_masks(standin, tmp_path):
             for engine in ("predictor", "totalsegmentator")
         ]
         np.testing.assert_array_equal(np.asanyarray(masks[0].dataobj), np.asanyarray(masks[1].dataobj))
-        assert data.nifti_layout(tmp_path / "predictor" / "mask" / f"{case}.nii")["description"] == STAMP
+        assert ct_io.nifti_layout(tmp_path / "predictor" / "mask" / f"{case}.nii")["description"] == STAMP
