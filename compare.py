@@ -15,8 +15,8 @@ import numpy as np
 from scipy.stats import rankdata
 
 import utils
-from evaluate import evaluate_predictions, read_predictions
-from labels import ABBREVIATIONS
+from evaluate import evaluate_predictions
+from labels import ABBREVIATIONS, read_predictions
 
 MODEL_NAMES = {"r3d": "ResNet", "mvit": "MViT", "swin": "Swin3D"}
 

@@ -1,7 +1,8 @@
 """Reading CTs as each dataset stores them, resampling onto one RAS grid, and writing NIfTI (paper §2.1).
 
 Every reader returns (HU array indexed (i, j, k), 4x4 RAS affine). Used by make_masks.py and predict.py;
-the checks of the files make_masks.py stored (`nifti_layout`, `check_layouts`, `check_prep_dir`) by data.py.
+data.py checks the files written here with the functions at the end (`nifti_layout`, `check_layouts`,
+`check_prep_dir`).
   NIfTI   CT-RATE `*_fixed` files are HU with their geometry in the header; the originals have blank headers
           and raw stored values, rebuilt from the metadata CSV (`--metadata`).
   .npz    RAD-ChestCT: key 'ct', HU, 0.8 mm, axes superior->inferior, anterior->posterior, right->left.

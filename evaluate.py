@@ -21,7 +21,7 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
 import utils
-from labels import ABBREVIATIONS, by_patient, read_predictions, write_predictions  # noqa: F401 (re-exported)
+from labels import ABBREVIATIONS, read_predictions, write_predictions
 from model import probabilities, segment
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")

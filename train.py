@@ -25,6 +25,7 @@ import data
 import evaluate
 import mask_qc
 import utils
+from labels import by_patient
 from model import ARCHS, build_model, compute_loss
 from pretrained import load_pretrained
 
@@ -185,7 +186,7 @@ def validate(model, loaders, task, args, epoch, iteration, seconds):
     y_prob = evaluate.predict_split(utils.unwrap(model), loaders[name], task, args.amp)
     scores = dict(y_true=dataset.labels, y_prob=y_prob, patients=dataset.groups, classes=task.classes)
     if task.kind == "ratic":  # evaluated per patient, as the test split (evaluate.unit)
-        scores = evaluate.by_patient(scores)
+        scores = by_patient(scores)
     rows, macro, _ = evaluate.compute_metrics(scores["y_true"], scores["y_prob"], task.classes)
     if utils.get_rank() == 0:
         aucs = "  ".join(f"{r['class']} {100 * r['auc']:.1f}" for r in rows)

@@ -1,4 +1,9 @@
-"""Shared by the tests: the scripts' command lines, and the synthetic phantoms written and preprocessed."""
+"""Shared by the tests: the scripts' command lines, the synthetic phantoms written and preprocessed, and where
+the real example CT is."""
+
+import os
+import subprocess
+from pathlib import Path
 
 import make_masks
 import synthetic
@@ -22,3 +27,18 @@ def prepared_synthetic(root, train=4, val=2, test=2):
     make_masks_cli("--src", root / "ct", "--dst", root / "prep", "--region", "chest", "--from-totalseg",
                    root / "totalseg")  # fmt: skip
     return root
+
+
+def example_folder():
+    """TotalSegmentator's example CT and reference outputs: $TOTALSEG_EXAMPLE, else shared/data/... beside
+    this checkout, else beside the checkout it was cloned from (a fresh `git clone . /tmp/x`, as CI does)."""
+    if os.environ.get("TOTALSEG_EXAMPLE"):
+        return Path(os.environ["TOTALSEG_EXAMPLE"])
+    root, tail = Path(__file__).resolve().parents[1], Path("shared", "data", "totalsegmentator_example")
+    origin = subprocess.run(["git", "-C", str(root), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    candidates = [root.parent / tail] + ([Path(origin).resolve().parent / tail] if origin else [])
+    return next((path for path in candidates if path.exists()), candidates[0])
+
+
+EXAMPLE = example_folder()

@@ -22,11 +22,10 @@ import data
 import make_masks
 import mask_qc
 import synthetic
-from helpers import make_masks_cli, train_cli
+from helpers import EXAMPLE, make_masks_cli, train_cli
 from totalseg_standin import make_standin
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example"
 pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator example data not found")
 
 # example_seg_fast.nii.gz, from its README: liver 39350, spleen 9630, kidney_left 3676, kidney_right 3996,

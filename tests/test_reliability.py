@@ -19,10 +19,9 @@ import model
 import synthetic
 import train
 import utils
-from helpers import make_masks_cli, prepared_synthetic, train_cli
+from helpers import EXAMPLE, make_masks_cli, prepared_synthetic, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example"
 SMALL = "--synthetic-cases 12 2 4 -b 2 -j 0 --epochs 2 --print-freq 1".split()
 
 

@@ -4,7 +4,6 @@ the pipeline does."""
 
 import os
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,10 +12,9 @@ import pytest
 import ct_io
 import data
 import totalseg
-from helpers import make_masks_cli
+from helpers import EXAMPLE, make_masks_cli
 from totalseg_standin import make_standin
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "totalsegmentator_example"
 STAMP = data.mask_stamp("abdomen")
 pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator example data not found")
 
