@@ -276,12 +276,15 @@ def build_datasets(args):
         options = dict(with_mask=args.seg, max_label=len(task.structures), groups=groups)
         return CTDataset(cases, volumes, y, task.pad, task.crop, split == "train", args.seed, **options)
 
-    if args.dataset == "synthetic" and not args.data_path:  # phantoms generated in memory
+    if (
+        args.dataset == "synthetic" and not args.data_path
+    ):  # phantoms generated in memory, sized to the pad box
         import synthetic
 
         sizes = args.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
         return {
-            s: make(*synthetic.synthetic_split(s, n), s) for s, n in zip(("train", "val", "test"), sizes)
+            s: make(*synthetic.synthetic_split(s, n, pad=task.pad), s)
+            for s, n in zip(("train", "val", "test"), sizes)
         }, task
     check_prep_dir(args.prep_dir, args.data_path)
     tables = labels.tables(args)

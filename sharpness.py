@@ -94,7 +94,7 @@ def fixed_batches(config, cases, batch_size):
     if config["dataset"] == "synthetic" and not config.get("data_path"):  # the same phantoms, made again
         import synthetic
 
-        ids, volumes, labels = synthetic.synthetic_split("train", cases)
+        ids, volumes, labels = synthetic.synthetic_split("train", cases, pad=task.pad)
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
     else:
         args = argparse.Namespace(**{k: v for k, v in config.items() if k != "task"})

@@ -4,13 +4,19 @@ Seeded and deterministic: body with fat and soft tissue, spine, two lungs split 
 heart, vessels and noise, in HU, with anatomical variation (size, position, +-8 degree rotation). Findings: a
 nodule in the right upper lobe, a nodule in the left lower lobe (decoy nodules also occur in other lobes and
 must be ignored; NODULES), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Masks use the
-chest scheme of make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size.
+chest scheme of make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size:
+about the task's pad box (40 x 60 x 60 by default; `train.py --crop` scales the box, and the phantoms with it:
+the same picture at a finer resolution). The findings' voxels are kept apart (make_phantom's findings map) to
+score where a model's evidence lies; they are never used for training.
 
     python synthetic.py                          # synthetic_preview.png: a few slices and masks
-    python synthetic.py --write synth/    # synth/ct, synth/totalseg (TotalSegmentator ids), synth/labels.csv
+    python synthetic.py --write synth/ [--pad D H W]  # synth/ct, synth/totalseg (TotalSegmentator ids),
+                                                      # synth/labels.csv
 """
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 
 import nibabel as nib
@@ -21,9 +27,13 @@ from data import AIR_HU, REGIONS
 from labels import SYNTHETIC_CLASSES
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
+PARALLEL_VOXELS = 2_000_000  # pad boxes this large: phantoms made in parallel (120x240x240: 0.26 s each)
 # The localised findings' difficulty: nodule radius (voxels of a 60-voxel-wide slice), drawn uniformly, and
 # how often a decoy nodule appears in a lobe no label is about. docs/synthetic_study.md: how they were chosen.
 NODULES = dict(radius=(4.5, 6.0), decoy_probability=0.25)  # calibrated (level D); before: (2.5, 4.0), 0.5
+# The localised findings: (class, the lobe of the chest scheme it lies in); the findings map marks the voxels
+# of finding k with k + 1.
+LOCALISED = (("nodule_right_upper_lobe", 3), ("nodule_left_lower_lobe", 2))
 
 
 def _ellipsoid(z, y, x, center, radii):
@@ -34,40 +44,52 @@ def _ellipsoid(z, y, x, center, radii):
     )
 
 
-def _sphere_at(rng, candidates, shape, radius):
-    """Boolean ball of `radius` voxels around a random voxel drawn from the flat indices `candidates`."""
-    cz, cy, cx = np.unravel_index(rng.choice(candidates), shape)
-    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    return _ellipsoid(z, y, x, (cz, cy, cx), (radius,) * 3) <= 1
+def _ball_at(rng, candidates, shape, radius):
+    """A ball of `radius` voxels around a random voxel drawn from the flat indices `candidates`, as
+    (box, ball): the slices of its bounding box and the boolean ball inside it (the same voxels as a
+    whole-volume test, at the cost of the box only)."""
+    center = np.unravel_index(rng.choice(candidates), shape)
+    reach = int(np.ceil(radius)) + 1
+    box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, n)) for c, n in zip(center, shape))
+    z, y, x = np.ogrid[box]
+    return box, _ellipsoid(z, y, x, center, (radius,) * 3) <= 1
 
 
 def make_phantom(rng, shape=(40, 60, 60)):
-    """One synthetic chest CT (int16 HU), its mask (chest scheme: 1-5 lobes, 6 heart) and its labels
-    (SYNTHETIC_CLASSES). Patient's left is low x (RAS), anterior is high y, superior is high z."""
-    u = min(shape[1:]) / 60.0  # lengths below are for a 60-voxel-wide slice
+    """One synthetic chest CT (int16 HU), its mask (chest scheme: 1-5 lobes, 6 heart), its labels
+    (SYNTHETIC_CLASSES) and its findings map (uint8: k + 1 on the voxels of localised finding k of
+    LOCALISED, 0 elsewhere; never used for training). Patient's left is low x (RAS), anterior is high y,
+    superior is high z. Every length scales with the shape: `u` is the unit of a 60-voxel-wide slice."""
+    u = min(shape[1:]) / 60.0
     labels = rng.random(len(SYNTHETIC_CLASSES)) < (0.35, 0.35, 0.3, 0.3, 0.3)
     ct, mask, (z, y, x) = _anatomy(rng, shape, u, labels)
+    findings = np.zeros(shape, np.uint8)
     lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
     for _ in range(25):  # vessels: small bright dots everywhere in the lungs
-        ct[_sphere_at(rng, lung_voxels, shape, u)] = -50
+        box, ball = _ball_at(rng, lung_voxels, shape, u)
+        ct[box][ball] = -50
     if labels[4]:  # emphysema: diffuse low-attenuation blobs, not tied to any lobe
         for _ in range(40):
-            ct[_sphere_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u) & (mask > 0) & (mask < 6)] = -990
+            box, ball = _ball_at(rng, lung_voxels, shape, rng.uniform(1, 2.5) * u)
+            ct[box][ball & (mask[box] > 0) & (mask[box] < 6)] = -990
     if labels[3]:  # effusion: fluid replacing the dependent base of one or both lungs
         sides = [(1, 2), (3, 4, 5)][rng.integers(2)] if rng.random() < 0.6 else (1, 2, 3, 4, 5)
         level = 0.3 * shape[0] - 0.2 * shape[0] * y / (13 * u)  # the fluid level: higher posteriorly
         base = (z < level) & np.isin(mask, sides)
         ct[base], mask[base] = 15, 0
-    lobe_nodules = [(3, labels[0]), (2, labels[1])]  # right upper, left lower
+    lobe_nodules = [(LOCALISED[0][1], labels[0], 1), (LOCALISED[1][1], labels[1], 2)]
     if rng.random() < NODULES["decoy_probability"]:  # a distractor nodule in a lobe no label is about
-        lobe_nodules.append((int(rng.choice([1, 4, 5])), True))
-    for lobe, present in lobe_nodules:
+        lobe_nodules.append((int(rng.choice([1, 4, 5])), True, 0))
+    for lobe, present, finding in lobe_nodules:
         voxels = np.flatnonzero(mask.ravel() == lobe)
         if present and voxels.size:
-            ct[_sphere_at(rng, voxels, shape, rng.uniform(*NODULES["radius"]) * u)] = 40
+            box, ball = _ball_at(rng, voxels, shape, rng.uniform(*NODULES["radius"]) * u)
+            ct[box][ball] = 40
+            if finding:  # a decoy is no finding
+                findings[box][ball] = finding
     ct += rng.normal(0, 20, size=shape).astype(np.float32)
     ct[(mask == 0) & (ct < -1000)] = AIR_HU
-    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32)
+    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32), findings
 
 
 def _anatomy(rng, shape, u, labels):
@@ -105,24 +127,49 @@ def _anatomy(rng, shape, u, labels):
     return ct, mask, (z, y, x)
 
 
-def synthetic_split(split, n, seed=0):
+def _phantom(seed, split, i, pad):
+    """Phantom i of a split for a pad box: its size is the box varied by up to +-4 voxels per axis (at the
+    default box; the variation scales with it), then everything scales with the size (make_phantom)."""
+    rng = np.random.default_rng([seed, ("train", "val", "test").index(split), i])
+    shape = tuple(int(p + round(rng.integers(-4, 5) * p / s)) for p, s in zip(pad, SYNTHETIC["pad"]))
+    return make_phantom(rng, shape)
+
+
+def phantoms(split, n, seed=0, pad=None):
+    """The n phantoms (ct, mask, labels, findings) of a split, in order, for a pad box (default: the synthetic
+    task's). Each is a pure function of (seed, split, index, pad); large ones are made in parallel processes
+    (forked, as DataLoader workers are: the children run numpy only), with the same bytes."""
+    pad = tuple(pad or SYNTHETIC["pad"])
+    jobs = [(seed, split, i, pad) for i in range(n)]
+    workers = min(os.cpu_count() or 1, 16, n) if np.prod(pad) >= PARALLEL_VOXELS else 1
+    if workers <= 1:
+        yield from (_phantom(*job) for job in jobs)
+        return
+    context = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield from pool.map(_phantom, *zip(*jobs), chunksize=max(1, n // (4 * workers)))
+
+
+def synthetic_split(split, n, seed=0, pad=None):
     """Deterministic phantoms for one split: (case ids, [(ct, mask)], labels (n, K)); sizes vary around
-    the pad size so that padding and cropping are both exercised."""
-    split_key = ("train", "val", "test").index(split)
+    the pad box so that padding and cropping are both exercised."""
     cases, volumes, labels = [], [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, split_key, i])
-        shape = tuple(int(s + rng.integers(-4, 5)) for s in SYNTHETIC["pad"])
-        ct, mask, label = make_phantom(rng, shape)
+    for i, (ct, mask, label, _) in enumerate(phantoms(split, n, seed, pad)):
         cases.append(f"synthetic_{split}_{i:04d}")
         volumes.append((ct, mask))
         labels.append(label)
     return cases, volumes, np.stack(labels)
 
 
-def write_synthetic(out_dir, sizes=None):
-    """Phantoms as a real dataset would come: <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm),
-    <out>/totalseg/<case>.nii.gz (TotalSegmentator 'total' ids) and <out>/labels.csv."""
+def synthetic_findings(split, n, seed=0, pad=None):
+    """The findings maps of synthetic_split's phantoms (the same phantoms, made again): [uint8 (D, H, W)]."""
+    return [findings for *_, findings in phantoms(split, n, seed, pad)]
+
+
+def write_synthetic(out_dir, sizes=None, pad=None):
+    """Phantoms (for a pad box; default the synthetic task's) as a real dataset would come:
+    <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm), <out>/totalseg/<case>.nii.gz (TotalSegmentator
+    'total' ids) and <out>/labels.csv."""
     from totalsegmentator.map_to_binary import class_map
 
     ts_ids = {name: i for i, name in class_map["total"].items()}
@@ -134,7 +181,7 @@ def write_synthetic(out_dir, sizes=None):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     rows = []
     for split, n in (sizes or SYNTHETIC["sizes"]).items():
-        cases, volumes, labels = synthetic_split(split, n)
+        cases, volumes, labels = synthetic_split(split, n, pad=pad)
         for case, (ct, mask), label in zip(cases, volumes, labels):
             for sub, array in (("ct", ct), ("totalseg", to_totalseg[mask])):  # (D, H, W) -> NIfTI's (x, y, z)
                 with utils.atomic_path(os.path.join(out_dir, sub, f"{case}.nii.gz")) as tmp:
@@ -149,9 +196,12 @@ if __name__ == "__main__":
     )
     parser.add_argument("--write", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
     parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
+    parser.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="phantom size (40 60 60)")
     cli = parser.parse_args()
     if cli.write:
-        write_synthetic(cli.write, dict(zip(("train", "val", "test"), cli.cases)) if cli.cases else None)
+        write_synthetic(
+            cli.write, dict(zip(("train", "val", "test"), cli.cases)) if cli.cases else None, cli.pad
+        )
         print(f"wrote {cli.write}/ct, totalseg and labels.csv")
     else:
         import matplotlib

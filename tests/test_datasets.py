@@ -62,7 +62,7 @@ RATIC_TRAIN_CSV = [
 
 def phantom(i, split="train"):
     """(ct, totalseg ids) as NIfTI-ordered (x, y, z) arrays of a small synthetic chest."""
-    ct, mask, _ = synthetic.make_phantom(np.random.default_rng([7, i, len(split)]), (24, 40, 40))
+    ct, mask, *_ = synthetic.make_phantom(np.random.default_rng([7, i, len(split)]), (24, 40, 40))
     ts = np.zeros_like(mask)
     for label, ts_id in TS_IDS.items():
         ts[mask == label] = ts_id

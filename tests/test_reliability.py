@@ -146,7 +146,7 @@ def test_torn_or_compressed_volumes_are_refused(prep):
 
 
 def test_volume_smaller_than_the_crop_is_padded():
-    ct, mask, _ = synthetic.make_phantom(np.random.default_rng(0), (10, 20, 16))
+    ct, mask, *_ = synthetic.make_phantom(np.random.default_rng(0), (10, 20, 16))
     dataset = data.CTDataset(["tiny"], [(ct, mask)], np.zeros((1, 5)), (40, 60, 60), (32, 48, 48), train=True,
                              with_mask=True, max_label=6)  # fmt: skip
     sample = dataset[0]
