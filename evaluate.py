@@ -17,12 +17,14 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
 import utils
 from labels import ABBREVIATIONS, read_predictions, write_predictions
-from model import probabilities, segment
+from learning_report import floors, format_report, learning_report
+from model import probabilities
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
 
@@ -122,31 +124,56 @@ def predict_split(model, loader, task, amp=False):
     return for_each_case(model, loader, task, amp, fn, torch.zeros(0, len(task.classes)))
 
 
-def dice_split(model, loader, task, amp=False):
-    """Per case and structure: (intersection, predicted, true) voxels of the seg head's labels (N, S, 3)."""
+def seg_split(model, loader, task, amp=False):
+    """Per case, the seg head on the centre crop: its cross-entropy summed over the crop's voxels (eq. 3, the
+    logits upsampled trilinearly) and per structure (intersection, predicted, true) voxels of its argmax:
+    numpy ((N,) float64, (N, S, 3) int64)."""
     n = len(task.structures)
 
     def fn(ct, batch):
-        return dice_counts(segment(model, ct), batch["mask"].to(ct.device), n + 1)
+        seg_logits = model.seg_head(model.backbone(ct)).float()  # (B, S, d, h, w)
+        rows = []
+        for logits, target in zip(seg_logits, batch["mask"].to(ct.device).long()):  # one full map at a time
+            full = F.interpolate(logits[None], size=target.shape, mode="trilinear")  # (1, S, D, H, W)
+            ce = F.cross_entropy(full, target[None], reduction="sum").double()
+            counts = dice_counts(full.argmax(1), target[None], n + 1)[0]
+            rows.append(torch.cat([ce[None], counts.flatten().double()]))
+        return torch.stack(rows)
 
-    return for_each_case(model, loader, task, amp, fn, torch.zeros(0, n, 3, dtype=torch.long))
+    rows = for_each_case(model, loader, task, amp, fn, torch.zeros(0, 1 + 3 * n, dtype=torch.float64))
+    return rows[:, 0], rows[:, 1:].reshape(-1, n, 3).astype(np.int64)
 
 
-def write_outputs(model, loaders, task, folder, seg=False, amp=False):
-    """Predictions (and the seg head's Dice) of every evaluation split, then their metrics tables."""
+def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=None, bound=False):
+    """Predictions (and the seg head's Dice and learning report) of every evaluation split, then their
+    metrics tables. The report's floors come from train_set's masks; bound: also the per-case bound (test)."""
+    report_floors = None
     for name, loader in loaders.items():
         y_prob = predict_split(model, loader, task, amp)
-        counts = dice_split(model, loader, task, amp) if seg else None
+        ce, counts = seg_split(model, loader, task, amp) if seg else (None, None)
         if utils.get_rank() == 0:
             path, ds = os.path.join(folder, f"predictions_{name}.csv"), loader.dataset
             write_predictions(path, ds.case_ids, ds.labels, y_prob, task.classes, ds.groups)
             if seg:  # did the auxiliary branch learn the anatomy? Dice on the centre crops
                 dice_path = os.path.join(folder, f"dice_{name}.json")
                 utils.write_json(dice_path, dice_summary(counts, task.structures))
+            if seg and train_set is not None:  # ... beyond where organs usually lie? (learning_report.py)
+                grid = head_grid(model, task)
+                report_floors = report_floors or floors(train_set, grid, len(task.structures) + 1)
+                head, bound_here = (float(ce.sum()), counts), bound and name == "test"
+                report = learning_report(head, report_floors, ds, grid, task.structures, bound_here)
+                utils.write_json(os.path.join(folder, f"seg_report_{name}.json"), report)
     if utils.get_rank() == 0:
         if "val" in loaders:  # its thresholds are the ones predict.py applies to new cases
             evaluate_predictions(os.path.join(folder, "predictions_val.csv"), quiet=True)
         evaluate_predictions(os.path.join(folder, "predictions_test.csv"))
+
+
+@torch.no_grad()
+def head_grid(model, task):
+    """The (d, h, w) of the backbone's last feature map for the task's crop (one forward pass on zeros)."""
+    device = next(model.parameters()).device
+    return tuple(model.backbone(torch.zeros(1, 1, *task.crop, device=device)).shape[2:])
 
 
 def format_table(rows, macro, skipped, threshold_note):
@@ -180,14 +207,16 @@ def validation_thresholds(path, method, per="auto"):
 
 
 def beside(path):
-    """(metrics stem, Dice JSON or None) of a predictions file: metrics_<split>.* and dice_<split>.json beside
-    predictions_<split>.csv; <name>.metrics.* beside a file of another name (never the input itself)."""
+    """(metrics stem, [Dice JSON, learning-report JSON] or [None, None]) of a predictions file:
+    metrics_<split>.*, dice_<split>.json and seg_report_<split>.json beside predictions_<split>.csv;
+    <name>.metrics.* beside a file of another name (never the input itself)."""
     folder, name = os.path.split(path)
     stem = name[: -len(".csv")] if name.endswith(".csv") else name
     if stem.startswith("predictions_"):
         split = stem[len("predictions_") :]
-        return os.path.join(folder, f"metrics_{split}"), os.path.join(folder, f"dice_{split}.json")
-    return os.path.join(folder, f"{stem}.metrics"), None
+        seg_files = [os.path.join(folder, f"{kind}_{split}.json") for kind in ("dice", "seg_report")]
+        return os.path.join(folder, f"metrics_{split}"), seg_files
+    return os.path.join(folder, f"{stem}.metrics"), [None, None]
 
 
 def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=False, per="auto"):
@@ -206,16 +235,18 @@ def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=Fa
         if fallback:  # one label value in the validation split: nothing to choose a threshold on there
             note += f"; on the evaluated set for {', '.join(fallback)} (a single label value in validation)"
     rows, macro, skipped = compute_metrics(y_true, y_prob, names, method, thresholds)
-    stem, dice_path = beside(path)
-    dice = utils.read_json(dice_path) if dice_path and os.path.isfile(dice_path) else None
+    stem, seg_files = beside(path)
+    dice, report = (utils.read_json(p) if p and os.path.isfile(p) else None for p in seg_files)
     units = predictions.get("unit", "case")
     if not quiet:
         averaged = " (their cases' probabilities averaged)" if units == "patient" else ""
         print(f"{path}: {len(y_true)} {units}s{averaged}\n" + format_table(rows, macro, skipped, note))
         if dice:
             print("segmentation head Dice: " + "  ".join(f"{k} {v['dice']:.3f}" for k, v in dice.items()))
+        if report:
+            print(format_report(report, os.path.basename(stem).replace("metrics_", "")))
     summary = dict(predictions=os.path.basename(path), unit=units, thresholds=note, cases=len(y_true))
-    summary.update(macro=macro, skipped=skipped, classes=rows, dice=dice)
+    summary.update(macro=macro, skipped=skipped, classes=rows, dice=dice, seg_report=report)
     utils.write_json(f"{stem}.json", summary)
     table = [
         [r["class"], *(r[m] for m in METRICS), r["threshold"], r["positives"], r["negatives"]] for r in rows

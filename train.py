@@ -44,7 +44,7 @@ RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed"
                    "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases")
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
-         "sharpness.json")
+         "seg_report_val.json", "seg_report_test.json", "sharpness.json")
 # fmt: on
 
 
@@ -287,7 +287,9 @@ def main(args):
         best_state = best_state or utils.saved_weights(os.path.join(args.output_dir, "checkpoint_best.pth"))
         if best_state is not None:
             utils.unwrap(model).load_state_dict(best_state)
-    evaluate.write_outputs(utils.unwrap(model), loaders, task, args.output_dir, args.seg, args.amp)
+    bound = args.dataset == "synthetic"  # the per-case bound of the learning report: phantoms only (cost)
+    outputs = dict(seg=args.seg, amp=args.amp, train_set=splits["train"], bound=bound)
+    evaluate.write_outputs(utils.unwrap(model), loaders, task, args.output_dir, **outputs)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -9,15 +9,24 @@ scored run is not scored again. Runs go to runs/study64/.
 """
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import evaluate  # noqa: E402
+import evidence  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
+from ct_io import AIR_HU  # noqa: E402
+from labels import read_predictions  # noqa: E402
+from model import build_model  # noqa: E402
 
 OUT = ROOT / "runs" / "study64"
 GEOMETRY = ["--crop", "64", "96", "96", "--amp", "--channels-last"]
@@ -32,6 +41,8 @@ LEVELS = {  # the first study's ladder (docs/study/calibrate.py); D is the defau
 }
 AUC_RANGE = (0.60, 0.85)
 STUDY_LEVEL = "D"  # the level the study runs at (the check's result decides; committed before any --seg run)
+ARMS, SEEDS = ("base", "seg"), (0, 1, 2)
+SCORES = ("point_region", "point_finding", "share")  # evidence.localisation_scores; the region is the lobe
 
 
 def train_run(folder, extra, level):
@@ -63,14 +74,130 @@ def check(level):
     print(f"both localised findings in [{AUC_RANGE[0]}, {AUC_RANGE[1]}]: {ok}")
 
 
+def run(seed, arm):
+    """One study run (resumed if it has a checkpoint), then its localisation scores."""
+    folder = OUT / f"{arm}_s{seed}"
+    train_run(folder, ["--seed", str(seed), *(["--seg"] if arm == "seg" else [])], STUDY_LEVEL)
+    if not (folder / "localisation_cases.csv").exists():
+        score_localisation(folder)
+
+
+@torch.no_grad()
+def score_localisation(folder):
+    """Evidence maps of the evaluated (best-on-validation) checkpoint on the test phantoms, centre crops as
+    evaluated: per localised finding and positive case, evidence.localisation_scores against its lobe and its
+    voxels. Checks that mean(evidence) + bias reproduces the run's predictions."""
+    config = utils.read_json(folder / "config.json")
+    task = data.Task.from_dict(config["task"])
+    net = build_model(config["model"], task, config["seg"])
+    net.load_state_dict(utils.saved_weights(str(folder / "checkpoint_best.pth")))
+    net.eval()
+    stored = read_predictions(str(folder / "predictions_test.csv"))
+    rows, worst = [], 0.0
+    n_test = len(stored["y_true"])
+    for i, (ct, mask, labels, findings) in enumerate(synthetic.phantoms("test", n_test, pad=task.pad)):
+        starts = data.window_start(ct.shape, task.pad, task.crop)
+        crop = [np.ascontiguousarray(data.read_window(v, starts, task.crop, fill))
+                for v, fill in ((ct, AIR_HU), (mask, 0), (findings, 0))]  # fmt: skip
+        x = data.normalize(torch.from_numpy(crop[0])[None, None], task.window)
+        with torch.autocast("cpu", torch.bfloat16, enabled=config["amp"]):
+            maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
+        logits = maps.mean((2, 3, 4))[0] + net.head.weight.new_tensor(net.head.bias.float())
+        worst = max(worst, float((torch.sigmoid(logits) - torch.as_tensor(stored["y_prob"][i])).abs().max()))
+        full = evidence.upsample(maps, task.crop)[0].numpy()  # (K, D, H, W)
+        for k, (name, lobe) in enumerate(synthetic.LOCALISED):
+            if labels[k]:
+                scores = evidence.localisation_scores(full[task.classes.index(name)], crop[1] == lobe,
+                                                      crop[2] == k + 1)  # fmt: skip
+                rows.append([f"synthetic_test_{i:04d}", name, *(scores[m] for m in SCORES)])
+    if worst > 0.02:  # bf16 rounding is far below this; more means other cases or another model
+        raise RuntimeError(
+            f"{folder}: evidence maps do not reproduce predictions_test.csv (off by {worst:.3f})"
+        )
+    utils.write_csv(folder / "localisation_cases.csv", ["case_id", "class", *SCORES], rows)
+    print(f"{folder}: {len(rows)} positive cases scored (probabilities reproduced to {worst:.1e})")
+
+
+def localisation_table(resamples=2000, seed=0):
+    """Per localised finding and score: mean over seeds per arm, Δ (seg - base), paired case bootstrap."""
+    per_arm = {}  # arm -> the rows of each seed's localisation_cases.csv (the same cases in the same order)
+    for arm in ARMS:
+        per_arm[arm] = []
+        for s in SEEDS:
+            with open(OUT / f"{arm}_s{s}" / "localisation_cases.csv", newline="") as f:
+                per_arm[arm].append(list(csv.DictReader(f)))
+    lines, records, rng = [], [], np.random.default_rng(seed)
+    header = f"{'finding':<26}{'score':<15}{'w/o seg':>9}{'w/ seg':>9}{'delta':>9}  95% CI (cases)   cases"
+    lines += [header, "-" * len(header)]
+    for name, _ in synthetic.LOCALISED:
+        for score in SCORES:
+            arms = {}
+            for arm, tables in per_arm.items():  # (seeds, cases) of this finding and score
+                arms[arm] = np.array([[float(r[score]) for r in t if r["class"] == name] for t in tables])
+            keep = ~np.isnan(arms["base"]).any(0) & ~np.isnan(arms["seg"]).any(0)
+            base, seg = arms["base"][:, keep].mean(0), arms["seg"][:, keep].mean(0)  # per case, over seeds
+            delta = seg - base
+            boot = [delta[rng.integers(0, len(delta), len(delta))].mean() for _ in range(resamples)]
+            low, high = np.percentile(boot, [2.5, 97.5])
+            lines.append(f"{name:<26}{score:<15}{base.mean():9.3f}{seg.mean():9.3f}{delta.mean():+9.3f}  "
+                         f"[{low:+.3f}, {high:+.3f}]  {int(keep.sum()):>5}")  # fmt: skip
+            records.append(dict(finding=name, score=score, base=base.mean(), seg=seg.mean(),
+                                delta=delta.mean(), ci=[low, high], cases=int(keep.sum()),
+                                per_seed={a: arms[a][:, keep].mean(1).tolist() for a in ARMS}))  # fmt: skip
+    return "\n".join(lines), records
+
+
+def learning_table():
+    """The learning report of every seg run (test split): CE and mean Dice per row, and their seed means."""
+    reports = [utils.read_json(OUT / f"seg_s{s}" / "seg_report_test.json") for s in SEEDS]
+    lines = [f"{'':<42}" + "".join(f"{'seed ' + str(s):>16}" for s in SEEDS) + f"{'mean':>16}"]
+    for row in reports[0]["rows"]:
+        ce = [r["rows"][row]["ce"] for r in reports]
+        dice = [r["rows"][row]["dice"]["mean"] for r in reports]
+        cells = [f"{c:7.3f} / {d:.3f}" for c, d in zip([*ce, np.mean(ce)], [*dice, np.mean(dice)])]
+        lines.append(f"{row:<42}" + "".join(f"{c:>16}" for c in cells))
+    grid = "x".join(map(str, reports[0]["grid"]))
+    return f"learning report (test, CE / mean Dice; head grid {grid})\n" + "\n".join(lines), reports
+
+
+def report():
+    folders = [str(OUT / f"{arm}_s{s}") for arm in ARMS for s in SEEDS]
+    argv = [
+        *folders,
+        "--figure",
+        str(ROOT / "docs" / "figure3_study64.png"),
+        "--output",
+        str(OUT / "comparison"),
+    ]
+    evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    text, records = learning_table()
+    localisation, loc_records = localisation_table()
+    text += (
+        "\n\nlocalisation (test phantoms positive for the finding; evidence of the evaluated checkpoint)\n"
+    )
+    text += localisation
+    print("\n" + text)
+    with utils.atomic_path(str(OUT / "report.txt")) as tmp, open(tmp, "w") as f:
+        f.write(text + "\n")
+    utils.write_json(str(OUT / "report.json"), dict(learning=records, localisation=loc_records))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check").add_argument("--level", default="D", choices=sorted(LEVELS))
+    one = commands.add_parser("run")
+    one.add_argument("--seed", type=int, required=True, choices=SEEDS)
+    one.add_argument("--arm", required=True, choices=ARMS)
+    commands.add_parser("report")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command == "check":
         check(args.level)
+    elif args.command == "run":
+        run(args.seed, args.arm)
+    else:
+        report()
 
 
 if __name__ == "__main__":

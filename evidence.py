@@ -1,0 +1,46 @@
+"""Where a classifier's evidence lies, exactly (paper §2.2, eq. 1).
+
+Eq. 1 is global average pooling of the last feature map followed by a linear layer, so the linear layer
+applied at every feature voxel gives, per output k, a map E_k (B, K, d, h, w) whose mean over the voxels
+plus the bias is the logit: logit_k = mean_v E_k(v) + b_k. No gradients and no approximation, the same for
+all three backbones (each returns (B, C, d, h, w)) and for RATIC's heads (output by output). Positive values
+raise the logit, negative ones lower it.
+
+`evidence_maps` is the one implementation; `localisation_scores` scores one upsampled map against a region
+(a structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def evidence_maps(model, x):
+    """x (B, 1, D, H, W) -> evidence (B, K, d, h, w) in float32 (float64 for a float64 model): the linear
+    head's weights applied at every voxel of the last feature map, without the bias."""
+    features = model.backbone(x)  # (B, C, d, h, w)
+    weight = model.head.weight  # (K, C)
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return torch.einsum("bcdhw,kc->bkdhw", features.to(dtype), weight.to(dtype))
+
+
+def upsample(evidence, size):
+    """(B, K, d, h, w) -> (B, K, *size), trilinearly, as the seg head's logits are upsampled."""
+    return F.interpolate(evidence, size=tuple(size), mode="trilinear")
+
+
+def localisation_scores(evidence, region, finding=None):
+    """One finding's evidence map at the crop's resolution (D, H, W) against the boolean region it belongs to
+    (e.g. its lobe) and, where known, its own voxels: {"point_region": the largest evidence lies in the region
+    (0/1), "point_finding": ... on the finding (nan without finding voxels), "share": the region's part of the
+    positive evidence mass (0 if no evidence is positive)}."""
+    evidence = np.asarray(evidence, dtype=np.float64)
+    peak = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
+    positive = np.maximum(evidence, 0.0)
+    total = positive.sum()
+    has_finding = finding is not None and bool(np.any(finding))
+    return {
+        "point_region": float(region[peak]),
+        "point_finding": float(finding[peak]) if has_finding else float("nan"),
+        "share": float(positive[region].sum() / total) if total > 0 else 0.0,
+    }

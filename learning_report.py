@@ -1,0 +1,176 @@
+"""The seg head's learning report: did the auxiliary head learn each case's anatomy, or only where organs
+usually lie? (docs/learning_report.md)
+
+The head's cross-entropy (eq. 3 on the evaluated centre crops) and Dice are set beside floors computed from
+the training masks only (their centre crops, the frame of the evaluated crops):
+- average anatomy, full resolution: one per-voxel label distribution shared by all cases (label frequencies,
+  smoothed by SMOOTHING): the best any predictor that ignores the case can do;
+- average anatomy at the head's grid: one fixed logit map on the head's (d, h, w) grid, upsampled trilinearly
+  as the head's logits are, fitted to the training masks: the best a head that ignores the case can do;
+and, where asked (the phantoms), the best per-case map at the head's grid: a logit map fitted to each
+evaluated mask itself, the most any 1x1x1 head on that grid could express (an upper bound, not a floor).
+A head at the grid floor has learnt nothing about the individual case.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+
+SMOOTHING = 0.5  # added to every label count of the average anatomy: no voxel gets probability 0
+MAX_TRAIN_MASKS = 1000  # the floors' training masks (evenly spaced over the split beyond this)
+BOUND_BATCH = 8  # evaluated masks fitted together for the per-case bound
+BOUND_CASES = 40  # the per-case bound on this many evaluated cases (evenly spaced): ~5 s each at 64x96x96
+FIT_STRIDE = 2  # the grid maps are fitted on every 2nd voxel per axis (100x faster), scored on all
+
+
+def centre_masks(dataset, limit=None):
+    """The centre-crop masks (D, H, W) uint8 of a CTDataset's cases, evenly spaced if more than `limit`."""
+    n = len(dataset.case_ids)
+    picks = range(n) if not limit or n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
+    for i in picks:
+        mask = dataset.volumes[i][1]
+        starts = data.window_start(mask.shape, dataset.pad_size, dataset.crop_size)
+        yield np.asarray(data.read_window(mask, starts, dataset.crop_size, 0))
+
+
+def label_counts(masks, num_labels):
+    """Per label and voxel, how many masks have that label there: (num_labels, D, H, W) float64."""
+    counts = None
+    for mask in masks:
+        one_hot = np.stack([mask == label for label in range(num_labels)])
+        counts = one_hot.astype(np.float64) if counts is None else counts + one_hot
+    return counts
+
+
+def interpolation_matrix(n, size, stride=1):
+    """(n, ceil(size / stride)): F.interpolate's linear weights (align_corners=False) from n points to `size`,
+    at every stride-th output; trilinear upsampling is these three applied one axis after another."""
+    return F.interpolate(torch.eye(n)[None], size=size, mode="linear")[0, :, ::stride]
+
+
+def fit_grid_logits(counts, grid, iterations=60, stride=FIT_STRIDE):
+    """Logits L (B, S, d, h, w) minimising sum_v sum_c counts[b, c, v] * -log softmax(up(L))[c, v] / the
+    total count, up = trilinear upsampling to the counts' size (B, S, D, H, W), as the seg head's. The sum
+    runs over every stride-th voxel per axis (512 per grid cell at 16x upsampling and stride 2): a map fitted
+    so is still a map a head could output, its CE on all voxels at most ~3 % above the full fit's (measured
+    on 8 phantoms at 64x96x96: 0.0525 vs 0.0509). L-BFGS from the log of the pooled label frequencies."""
+    counts = torch.as_tensor(counts, dtype=torch.float32)
+    axes = [interpolation_matrix(g, n, stride) for g, n in zip(grid, counts.shape[2:])]
+    counts = counts[:, :, ::stride, ::stride, ::stride]
+    start = F.adaptive_avg_pool3d(counts / counts.sum(1, keepdim=True).clamp(min=1), grid)
+    logits = torch.log(start + 1e-3).requires_grad_()
+    optimizer = torch.optim.LBFGS([logits], max_iter=iterations, line_search_fn="strong_wolfe")
+    total = counts.sum()
+
+    def closure():
+        optimizer.zero_grad()
+        full = torch.einsum("bcdhw,dD,hH,wW->bcDHW", logits, *axes)  # (B, S, D, H, W) / stride
+        loss = -(counts * F.log_softmax(full, 1)).sum() / total
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return logits.detach()
+
+
+def score(log_probs, mask, num_labels):
+    """(CE summed over voxels, Dice counts (num_labels - 1, 3): intersection, predicted, true) of one mask
+    under full-resolution log-probabilities (S, D, H, W)."""
+    target = torch.as_tensor(mask, dtype=torch.long)
+    ce = -log_probs.gather(0, target[None]).sum()
+    pred = log_probs.argmax(0)
+    counts = [[((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()] for s in
+              range(1, num_labels)]  # fmt: skip
+    return float(ce), np.array(counts, dtype=np.int64)
+
+
+def summarise(ce_sum, voxels, dice_counts, structures):
+    """{"ce": mean per voxel, "dice": {structure: mean per-case Dice, "mean": over structures}}."""
+    dice = {}
+    counts = np.asarray(dice_counts, dtype=np.float64)  # (N, S, 3)
+    for s, name in enumerate(structures):
+        present = counts[:, s, 2] > 0
+        values = 2 * counts[present, s, 0] / (counts[present, s, 1] + counts[present, s, 2])
+        dice[name] = float(values.mean()) if present.any() else float("nan")
+    known = [v for v in dice.values() if not np.isnan(v)]
+    dice["mean"] = float(np.mean(known)) if known else float("nan")
+    return {"ce": ce_sum / voxels, "dice": dice}
+
+
+def fixed_map_row(log_probs, masks, structures):
+    """One map for every case (S, D, H, W) scored on the masks."""
+    ce, counts, voxels = 0.0, [], 0
+    for mask in masks:
+        c, d = score(log_probs, mask, len(structures) + 1)
+        ce, voxels = ce + c, voxels + mask.size
+        counts.append(d)
+    return summarise(ce, voxels, counts, structures)
+
+
+def per_case_bound_row(masks, grid, structures):
+    """The best per-case map at the head's grid, fitted to each mask (BOUND_BATCH masks at a time)."""
+    ce, counts, voxels, num_labels = 0.0, [], 0, len(structures) + 1
+    for start in range(0, len(masks), BOUND_BATCH):
+        batch = masks[start : start + BOUND_BATCH]
+        one_hot = np.stack([np.stack([m == label for label in range(num_labels)]) for m in batch])
+        logits = fit_grid_logits(one_hot.astype(np.float32), grid)
+        for mask, case_logits in zip(batch, logits):
+            full = F.interpolate(case_logits[None], size=mask.shape, mode="trilinear")[0]
+            c, d = score(F.log_softmax(full, 0), mask, num_labels)
+            ce, voxels = ce + c, voxels + mask.size
+            counts.append(d)
+    return summarise(ce, voxels, counts, structures)
+
+
+def floors(train_set, grid, num_labels):
+    """The two floors' full-resolution log-probabilities (S, D, H, W) from train_set's centre-crop masks:
+    {"average anatomy, full resolution": ..., "average anatomy, head's grid": ...}, and the masks counted."""
+    counts = label_counts(centre_masks(train_set, MAX_TRAIN_MASKS), num_labels)
+    n_train = int(round(counts[:, 0, 0, 0].sum()))
+    average = np.log((counts + SMOOTHING) / (n_train + SMOOTHING * num_labels))
+    grid_logits = fit_grid_logits(counts[None], grid)[0]
+    grid_map = F.interpolate(grid_logits[None], size=counts.shape[1:], mode="trilinear")[0]
+    maps = {
+        "average anatomy, full resolution": torch.as_tensor(average, dtype=torch.float32),
+        "average anatomy, head's grid": F.log_softmax(grid_map, 0),
+    }
+    return maps, n_train
+
+
+def learning_report(head, floor_maps, eval_set, grid, structures, bound=False):
+    """The report of one evaluated split. head: (CE summed over voxels, Dice counts (N, S, 3)) of the seg
+    head on eval_set's centre crops; floor_maps: floors(); grid: the head's (d, h, w). A JSON-ready dict."""
+    maps, n_train = floor_maps
+    masks = list(centre_masks(eval_set))
+    voxels = sum(m.size for m in masks)
+    rows = {"seg head": summarise(head[0], voxels, head[1], structures)}
+    rows.update({name: fixed_map_row(log_probs, masks, structures) for name, log_probs in maps.items()})
+    report = dict(grid=list(grid), train_masks=n_train, cases=len(masks), smoothing=SMOOTHING, rows=rows)
+    if bound:  # an upper bound: fitted to each mask itself, on a subset of the cases (cost)
+        picks = np.linspace(0, len(masks) - 1, min(BOUND_CASES, len(masks))).round().astype(int)
+        some = [masks[i] for i in picks]
+        rows["best per-case map, head's grid (bound)"] = per_case_bound_row(some, grid, structures)
+        report["bound_cases"] = len(some)
+    return report
+
+
+def short_name(structure):
+    """A column label: 'lung_upper_lobe_left' -> 'upper_left'."""
+    return structure.replace("lung_", "").replace("_lobe", "")[:12]
+
+
+def format_report(report, split):
+    """The report as the lines printed under the evaluation table."""
+    names = list(next(iter(report["rows"].values()))["dice"])
+    grid = "x".join(str(g) for g in report["grid"])
+    bound = f"; bound on {report['bound_cases']} of them" if "bound_cases" in report else ""
+    lines = [
+        f"segmentation head learning report, {split} ({report['cases']} cases{bound}; floors from "
+        f"{report['train_masks']} training masks; head grid {grid}): cross-entropy and Dice",
+        f"{'':<40}{'CE':>7}" + "".join(f"{short_name(n):>13}" for n in names),
+    ]
+    for label, row in report["rows"].items():
+        lines.append(f"{label:<40}{row['ce']:7.3f}" + "".join(f"{row['dice'][n]:13.3f}" for n in names))
+    return "\n".join(lines)
