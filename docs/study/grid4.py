@@ -40,7 +40,7 @@ LEVELS = {  # the first study's ladder (docs/study/calibrate.py); D is the defau
     "D12": (dict(radius=(4.5, 6.0), decoy_probability=0.25), 12),
 }
 AUC_RANGE = (0.60, 0.85)
-STUDY_LEVEL = "D"  # the level the study runs at (the check's result decides; committed before any --seg run)
+STUDY_LEVEL = "C"  # the check's result (docs/synthetic_study_grid4.md §2), committed before any --seg run
 ARMS, SEEDS = ("base", "seg"), (0, 1, 2)
 SCORES = ("point_region", "point_finding", "share")  # evidence.localisation_scores; the region is the lobe
 
