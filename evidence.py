@@ -18,10 +18,11 @@ import torch.nn.functional as F
 def evidence_maps(model, x):
     """x (B, 1, D, H, W) -> evidence (B, K, d, h, w) in float32 (float64 for a float64 model): the linear
     head's weights applied at every voxel of the last feature map, without the bias."""
-    features = model.backbone(x)  # (B, C, d, h, w)
+    features = model.backbone(x)  # (B, C, d, h, w); under autocast in its lower precision
     weight = model.head.weight  # (K, C)
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    return torch.einsum("bcdhw,kc->bkdhw", features.to(dtype), weight.to(dtype))
+    with torch.autocast(x.device.type, enabled=False):  # the decomposition itself in full precision
+        return torch.einsum("bcdhw,kc->bkdhw", features.to(dtype), weight.to(dtype))
 
 
 def upsample(evidence, size):

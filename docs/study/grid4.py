@@ -102,7 +102,7 @@ def score_localisation(folder):
         x = data.normalize(torch.from_numpy(crop[0])[None, None], task.window)
         with torch.autocast("cpu", torch.bfloat16, enabled=config["amp"]):
             maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
-        logits = maps.mean((2, 3, 4))[0] + net.head.weight.new_tensor(net.head.bias.float())
+        logits = maps.mean((2, 3, 4))[0] + net.head.bias.float()
         worst = max(worst, float((torch.sigmoid(logits) - torch.as_tensor(stored["y_prob"][i])).abs().max()))
         full = evidence.upsample(maps, task.crop)[0].numpy()  # (K, D, H, W)
         for k, (name, lobe) in enumerate(synthetic.LOCALISED):
