@@ -158,10 +158,10 @@ def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=
                 dice_path = os.path.join(folder, f"dice_{name}.json")
                 utils.write_json(dice_path, dice_summary(counts, task.structures))
             if seg and train_set is not None:  # ... beyond where organs usually lie? (learning_report.py)
-                grid = head_grid(model, task)
-                report_floors = report_floors or floors(train_set, grid, len(task.structures) + 1)
+                grid, device = head_grid(model, task), next(model.parameters()).device  # fits there
+                report_floors = report_floors or floors(train_set, grid, len(task.structures) + 1, device)
                 head, bound_here = (float(ce.sum()), counts), bound and name == "test"
-                report = learning_report(head, report_floors, ds, grid, task.structures, bound_here)
+                report = learning_report(head, report_floors, ds, grid, task.structures, bound_here, device)
                 utils.write_json(os.path.join(folder, f"seg_report_{name}.json"), report)
     if utils.get_rank() == 0:
         if "val" in loaders:  # its thresholds are the ones predict.py applies to new cases

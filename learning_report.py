@@ -50,14 +50,16 @@ def interpolation_matrix(n, size, stride=1):
     return F.interpolate(torch.eye(n)[None], size=size, mode="linear")[0, :, ::stride]
 
 
-def fit_grid_logits(counts, grid, iterations=60, stride=FIT_STRIDE):
+def fit_grid_logits(counts, grid, iterations=60, stride=FIT_STRIDE, device="cpu"):
     """Logits L (B, S, d, h, w) minimising sum_v sum_c counts[b, c, v] * -log softmax(up(L))[c, v] / the
     total count, up = trilinear upsampling to the counts' size (B, S, D, H, W), as the seg head's. The sum
     runs over every stride-th voxel per axis (512 per grid cell at 16x upsampling and stride 2): a map fitted
     so is still a map a head could output, its CE on all voxels at most ~3 % above the full fit's (measured
     on 8 phantoms at 64x96x96: 0.0525 vs 0.0509). L-BFGS from the log of the pooled label frequencies."""
-    counts = torch.as_tensor(counts, dtype=torch.float32)
-    axes = [interpolation_matrix(g, n, stride) for g, n in zip(grid, counts.shape[2:])]
+    counts = torch.as_tensor(counts, dtype=torch.float32, device=device)
+    if any(n < 8 * g for g, n in zip(grid, counts.shape[2:])):  # < 4 samples per cell and axis: use all
+        stride = 1
+    axes = [interpolation_matrix(g, n, stride).to(device) for g, n in zip(grid, counts.shape[2:])]
     counts = counts[:, :, ::stride, ::stride, ::stride]
     start = F.adaptive_avg_pool3d(counts / counts.sum(1, keepdim=True).clamp(min=1), grid)
     logits = torch.log(start + 1e-3).requires_grad_()
@@ -78,12 +80,12 @@ def fit_grid_logits(counts, grid, iterations=60, stride=FIT_STRIDE):
 def score(log_probs, mask, num_labels):
     """(CE summed over voxels, Dice counts (num_labels - 1, 3): intersection, predicted, true) of one mask
     under full-resolution log-probabilities (S, D, H, W)."""
-    target = torch.as_tensor(mask, dtype=torch.long)
+    target = torch.as_tensor(mask, dtype=torch.long, device=log_probs.device)
     ce = -log_probs.gather(0, target[None]).sum()
     pred = log_probs.argmax(0)
-    counts = [[((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()] for s in
-              range(1, num_labels)]  # fmt: skip
-    return float(ce), np.array(counts, dtype=np.int64)
+    counts = [torch.stack([((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()])
+              for s in range(1, num_labels)]  # fmt: skip
+    return float(ce), torch.stack(counts).cpu().numpy().astype(np.int64)
 
 
 def summarise(ce_sum, voxels, dice_counts, structures):
@@ -109,13 +111,13 @@ def fixed_map_row(log_probs, masks, structures):
     return summarise(ce, voxels, counts, structures)
 
 
-def per_case_bound_row(masks, grid, structures):
+def per_case_bound_row(masks, grid, structures, device="cpu"):
     """The best per-case map at the head's grid, fitted to each mask (BOUND_BATCH masks at a time)."""
     ce, counts, voxels, num_labels = 0.0, [], 0, len(structures) + 1
     for start in range(0, len(masks), BOUND_BATCH):
         batch = masks[start : start + BOUND_BATCH]
         one_hot = np.stack([np.stack([m == label for label in range(num_labels)]) for m in batch])
-        logits = fit_grid_logits(one_hot.astype(np.float32), grid)
+        logits = fit_grid_logits(one_hot.astype(np.float32), grid, device=device)
         for mask, case_logits in zip(batch, logits):
             full = F.interpolate(case_logits[None], size=mask.shape, mode="trilinear")[0]
             c, d = score(F.log_softmax(full, 0), mask, num_labels)
@@ -124,22 +126,22 @@ def per_case_bound_row(masks, grid, structures):
     return summarise(ce, voxels, counts, structures)
 
 
-def floors(train_set, grid, num_labels):
+def floors(train_set, grid, num_labels, device="cpu"):
     """The two floors' full-resolution log-probabilities (S, D, H, W) from train_set's centre-crop masks:
     {"average anatomy, full resolution": ..., "average anatomy, head's grid": ...}, and the masks counted."""
     counts = label_counts(centre_masks(train_set, MAX_TRAIN_MASKS), num_labels)
     n_train = int(round(counts[:, 0, 0, 0].sum()))
     average = np.log((counts + SMOOTHING) / (n_train + SMOOTHING * num_labels))
-    grid_logits = fit_grid_logits(counts[None], grid)[0]
+    grid_logits = fit_grid_logits(counts[None], grid, device=device)[0]
     grid_map = F.interpolate(grid_logits[None], size=counts.shape[1:], mode="trilinear")[0]
     maps = {
-        "average anatomy, full resolution": torch.as_tensor(average, dtype=torch.float32),
+        "average anatomy, full resolution": torch.as_tensor(average, dtype=torch.float32, device=device),
         "average anatomy, head's grid": F.log_softmax(grid_map, 0),
     }
     return maps, n_train
 
 
-def learning_report(head, floor_maps, eval_set, grid, structures, bound=False):
+def learning_report(head, floor_maps, eval_set, grid, structures, bound=False, device="cpu"):
     """The report of one evaluated split. head: (CE summed over voxels, Dice counts (N, S, 3)) of the seg
     head on eval_set's centre crops; floor_maps: floors(); grid: the head's (d, h, w). A JSON-ready dict."""
     maps, n_train = floor_maps
@@ -151,7 +153,7 @@ def learning_report(head, floor_maps, eval_set, grid, structures, bound=False):
     if bound:  # an upper bound: fitted to each mask itself, on a subset of the cases (cost)
         picks = np.linspace(0, len(masks) - 1, min(BOUND_CASES, len(masks))).round().astype(int)
         some = [masks[i] for i in picks]
-        rows["best per-case map, head's grid (bound)"] = per_case_bound_row(some, grid, structures)
+        rows["best per-case map, head's grid (bound)"] = per_case_bound_row(some, grid, structures, device)
         report["bound_cases"] = len(some)
     return report
 

@@ -9,6 +9,7 @@ machine shifts both sides alike.
 """
 
 import argparse
+import dataclasses
 import mmap
 import os
 import statistics
@@ -197,40 +198,63 @@ def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
     return results
 
 
-def bench_gpu(steps, device, archs, tiny=False, chunk=0):
-    """Samples/s and peak memory per model w/ and w/o seg at Table 4 batch sizes, chest crop, bf16."""
-    crop = (32, 48, 48) if tiny else data.REGIONS["chest"]["crop"]
+def step_stats(model, device, batch, crop, seg, steps, structures=6):
+    """(samples/s, peak GiB) of bf16 training steps of `model`, median of `steps` after 2 warm-up steps."""
+    model = model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+    ct = torch.randint(-1000, 1000, (batch, 1, *crop), dtype=torch.int16, device=device)
+    labels = torch.randint(0, 2, (batch, model.head.out_features), device=device).float()
+    mask = torch.randint(0, structures + 1, (batch, *crop), dtype=torch.uint8, device=device) if seg else None
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            train_step(model, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return batch / statistics.median(times[2:]), peak
+
+
+def bench_gpu(steps, device, archs, tiny=False, chunk=8):
+    """Samples/s and peak memory per model w/o seg, w/ seg and w/ seg + --seg-chunk, Table 4's batch sizes,
+    chest crop, bf16; then R3D-18's seg head over all 117 TotalSegmentator classes (118 with background)."""
+    crop = (16, 32, 32) if tiny else data.REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"{device}: {name}, torch {torch.__version__}, crop {crop}, bf16 autocast")
-    print(f"  {'model':6s} {'batch':>5s} {'seg':>4s} {'samples/s':>10s} {'peak GiB':>9s}")
+    cuda = torch.version.cuda if device == "cuda" else "-"
+    print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, bf16 autocast")
+    print(f"  {'model':6s} {'batch':>5s} {'seg':>12s} {'samples/s':>10s} {'peak GiB':>9s}")
+    task, results = data.make_task("ctrate", crop), {}
     for arch in archs:
         batch = 2 if tiny else train.TABLE4_BATCH[("chest", arch)]
         rows = {}
-        for seg in (False, True):
+        for label, seg, seg_chunk in (("w/o", False, 0), ("w/", True, 0), (f"w/ chunk {chunk}", True, chunk)):
             torch.manual_seed(0)
-            model = build_model(arch, data.make_task("ctrate", crop), seg, chunk)
-            model = model.to(device).train()
-            optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
-            ct = torch.randint(-1000, 1000, (batch, 1, *crop), dtype=torch.int16, device=device)
-            labels = torch.randint(0, 2, (batch, 18), device=device).float()
-            mask = torch.randint(0, 7, (batch, *crop), dtype=torch.uint8, device=device) if seg else None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            times = []
-            for _ in range(steps + 2):
-                start = time.perf_counter()
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    train_step(model, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-            rows[seg] = (batch / statistics.median(times[2:]), peak)
-            print(f"  {arch:6s} {batch:5d} {'w/' if seg else 'w/o':>4s} {rows[seg][0]:10.2f} {peak:9.2f}")
-            del model, optimizer
-        print(f"  {arch:6s} seg / plain: step time {rows[False][0] / rows[True][0]:.3f}, "
-              f"peak memory {rows[True][1] / rows[False][1]:.3f}")  # fmt: skip
+            model = build_model(arch, task, seg, seg_chunk)
+            rows[label] = step_stats(model, device, batch, crop, seg, steps)
+            print(f"  {arch:6s} {batch:5d} {label:>12s} {rows[label][0]:10.2f} {rows[label][1]:9.2f}")
+            del model
+        for label in ("w/", f"w/ chunk {chunk}"):
+            step, memory = rows["w/o"][0] / rows[label][0], rows[label][1] / rows["w/o"][1]
+            print(f"  {arch:6s} {label} / plain: step time {step:.3f}, peak memory {memory:.3f}")
+        results[arch] = rows
+    all_classes = dataclasses.replace(task, structures=tuple(f"class_{i}" for i in range(117)))
+    batch = 2 if tiny else train.TABLE4_BATCH[("chest", "r3d")]
+    for label, seg_chunk in (("117 classes", 0), (f"117, chunk {chunk}", chunk)):
+        torch.manual_seed(0)
+        model = build_model("r3d", all_classes, True, seg_chunk)
+        try:
+            rows = step_stats(model, device, batch, crop, True, steps, structures=117)
+            print(f"  {'r3d':6s} {batch:5d} {label:>12s} {rows[0]:10.2f} {rows[1]:9.2f}")
+            results[f"r3d {label}"] = rows
+        except torch.cuda.OutOfMemoryError:
+            print(f"  {'r3d':6s} {batch:5d} {label:>12s} out of memory")
+        del model
+    return results
 
 
 def bench_data_wait(device, steps, workers, tiny=False):
@@ -282,7 +306,7 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small sizes (checks the GPU code path on a CPU)")
     parser.add_argument("--workers", type=int, default=8)
-    parser.add_argument("--seg-chunk", type=int, default=0, help="--gpu: the seg loss N slices at a time")
+    parser.add_argument("--seg-chunk", type=int, default=8, help="--gpu: the chunked seg loss, N slices")
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")

@@ -23,4 +23,5 @@ def test_bench_gpu_code_path_runs_on_cpu(capsys):
     bench.bench_gpu(steps=1, device="cpu", archs=["r3d"], tiny=True)
     bench.bench_data_wait("cpu", steps=2, workers=0, tiny=True)
     out = capsys.readouterr().out
-    assert "seg / plain: step time" in out and "data wait" in out
+    assert "w/ / plain: step time" in out and "w/ chunk 8 / plain: step time" in out and "data wait" in out
+    assert "117 classes" in out and "117, chunk 8" in out

@@ -1,11 +1,14 @@
-"""The study at 64 x 96 x 96 (R3D-18 grid 4 x 6 x 6), docs/synthetic_study_grid4.md.
+"""The phantom study at a larger geometry: 64 x 96 x 96 (R3D-18 grid 4 x 6 x 6, docs/synthetic_study_grid4.md)
+by default, 96 x 192 x 192 (grid 6 x 12 x 12, docs/synthetic_study_grid6.md) with --crop on a GPU.
 
     python docs/study/grid4.py check [--level D]           # baseline-only check: validation AUC only
     python docs/study/grid4.py run --seed S --arm base|seg  # one study run, then its localisation scores
-    python docs/study/grid4.py report                      # the six runs: tables, CIs, Figure 3, localisation
+    python docs/study/grid4.py report                      # the finished runs: tables, CIs, Figure 3, ...
+    python docs/study/grid4.py --crop 96 192 192 --out runs/study96 check --level C   # (bench/gpu_run.sh)
 
 Every command resumes: a run with a checkpoint continues (--resume), a finished run is not trained again, a
-scored run is not scored again. Runs go to runs/study64/.
+scored run is not scored again. Runs go to runs/study64/ (--out). --smoke: tiny runs (2 steps, 20/10/12
+phantoms) that rehearse the commands on a CPU.
 """
 
 import argparse
@@ -28,8 +31,9 @@ from ct_io import AIR_HU  # noqa: E402
 from labels import read_predictions  # noqa: E402
 from model import build_model  # noqa: E402
 
-OUT = ROOT / "runs" / "study64"
-GEOMETRY = ["--crop", "64", "96", "96", "--amp", "--channels-last"]
+OUT = ROOT / "runs" / "study64"  # --out
+GEOMETRY = ["--crop", "64", "96", "96", "--amp", "--channels-last"]  # --crop replaces the size
+SMOKE = []  # --smoke: appended to every train.py command line
 LOCALISED = tuple(name for name, _ in synthetic.LOCALISED)
 GLOBAL = ("cardiomegaly", "pleural_effusion", "emphysema")
 LEVELS = {  # the first study's ladder (docs/study/calibrate.py); D is the default phantom
@@ -51,7 +55,7 @@ def train_run(folder, extra, level):
     synthetic.NODULES = dict(nodules)
     if (folder / "predictions_test.csv").exists():
         return
-    argv = [*GEOMETRY, *extra, "--epochs", str(epochs), "--output-dir", str(folder), "--resume"]
+    argv = [*GEOMETRY, *extra, "--epochs", str(epochs), "--output-dir", str(folder), "--resume", *SMOKE]
     print("train.py " + " ".join(argv), flush=True)
     train.main(train.get_args_parser().parse_args(argv))
 
@@ -74,10 +78,10 @@ def check(level):
     print(f"both localised findings in [{AUC_RANGE[0]}, {AUC_RANGE[1]}]: {ok}")
 
 
-def run(seed, arm):
+def run(seed, arm, level=STUDY_LEVEL):
     """One study run (resumed if it has a checkpoint), then its localisation scores."""
     folder = OUT / f"{arm}_s{seed}"
-    train_run(folder, ["--seed", str(seed), *(["--seg"] if arm == "seg" else [])], STUDY_LEVEL)
+    train_run(folder, ["--seed", str(seed), *(["--seg"] if arm == "seg" else [])], level)
     if not (folder / "localisation_cases.csv").exists():
         score_localisation(folder)
 
@@ -91,7 +95,8 @@ def score_localisation(folder):
     task = data.Task.from_dict(config["task"])
     net = build_model(config["model"], task, config["seg"])
     net.load_state_dict(utils.saved_weights(str(folder / "checkpoint_best.pth")))
-    net.eval()
+    device = torch.device(config["device"])
+    net.to(device).eval()
     stored = read_predictions(str(folder / "predictions_test.csv"))
     rows, worst = [], 0.0
     n_test = len(stored["y_true"])
@@ -99,12 +104,12 @@ def score_localisation(folder):
         starts = data.window_start(ct.shape, task.pad, task.crop)
         crop = [np.ascontiguousarray(data.read_window(v, starts, task.crop, fill))
                 for v, fill in ((ct, AIR_HU), (mask, 0), (findings, 0))]  # fmt: skip
-        x = data.normalize(torch.from_numpy(crop[0])[None, None], task.window)
-        with torch.autocast("cpu", torch.bfloat16, enabled=config["amp"]):
+        x = data.normalize(torch.from_numpy(crop[0])[None, None].to(device), task.window)
+        with torch.autocast(device.type, torch.bfloat16, enabled=config["amp"]):
             maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
         logits = maps.mean((2, 3, 4))[0] + net.head.bias.float()
         worst = max(worst, float((torch.sigmoid(logits) - torch.as_tensor(stored["y_prob"][i])).abs().max()))
-        full = evidence.upsample(maps, task.crop)[0].numpy()  # (K, D, H, W)
+        full = evidence.upsample(maps, task.crop)[0].cpu().numpy()  # (K, D, H, W)
         for k, (name, lobe) in enumerate(synthetic.LOCALISED):
             if labels[k]:
                 scores = evidence.localisation_scores(full[task.classes.index(name)], crop[1] == lobe,
@@ -118,12 +123,17 @@ def score_localisation(folder):
     print(f"{folder}: {len(rows)} positive cases scored (probabilities reproduced to {worst:.1e})")
 
 
-def localisation_table(resamples=2000, seed=0):
+def finished_seeds():
+    """The seeds whose runs of both arms are scored (a time-limited device run may finish only some)."""
+    return [s for s in SEEDS if all((OUT / f"{a}_s{s}" / "localisation_cases.csv").exists() for a in ARMS)]
+
+
+def localisation_table(seeds, resamples=2000, seed=0):
     """Per localised finding and score: mean over seeds per arm, Δ (seg - base), paired case bootstrap."""
     per_arm = {}  # arm -> the rows of each seed's localisation_cases.csv (the same cases in the same order)
     for arm in ARMS:
         per_arm[arm] = []
-        for s in SEEDS:
+        for s in seeds:
             with open(OUT / f"{arm}_s{s}" / "localisation_cases.csv", newline="") as f:
                 per_arm[arm].append(list(csv.DictReader(f)))
     lines, records, rng = [], [], np.random.default_rng(seed)
@@ -147,10 +157,10 @@ def localisation_table(resamples=2000, seed=0):
     return "\n".join(lines), records
 
 
-def learning_table():
+def learning_table(seeds):
     """The learning report of every seg run (test split): CE and mean Dice per row, and their seed means."""
-    reports = [utils.read_json(OUT / f"seg_s{s}" / "seg_report_test.json") for s in SEEDS]
-    lines = [f"{'':<42}" + "".join(f"{'seed ' + str(s):>16}" for s in SEEDS) + f"{'mean':>16}"]
+    reports = [utils.read_json(OUT / f"seg_s{s}" / "seg_report_test.json") for s in seeds]
+    lines = [f"{'':<42}" + "".join(f"{'seed ' + str(s):>16}" for s in seeds) + f"{'mean':>16}"]
     for row in reports[0]["rows"]:
         ce = [r["rows"][row]["ce"] for r in reports]
         dice = [r["rows"][row]["dice"]["mean"] for r in reports]
@@ -161,17 +171,14 @@ def learning_table():
 
 
 def report():
-    folders = [str(OUT / f"{arm}_s{s}") for arm in ARMS for s in SEEDS]
-    argv = [
-        *folders,
-        "--figure",
-        str(ROOT / "docs" / "figure3_study64.png"),
-        "--output",
-        str(OUT / "comparison"),
-    ]
+    seeds = finished_seeds()
+    if not seeds:
+        raise SystemExit(f"{OUT}: no seed has finished runs of both arms yet")
+    folders = [str(OUT / f"{arm}_s{s}") for arm in ARMS for s in seeds]
+    argv = [*folders, "--figure", str(OUT / "figure3.png"), "--output", str(OUT / "comparison")]
     evaluate.main(evaluate.get_args_parser().parse_args(argv))
-    text, records = learning_table()
-    localisation, loc_records = localisation_table()
+    text, records = learning_table(seeds)
+    localisation, loc_records = localisation_table(seeds)
     text += (
         "\n\nlocalisation (test phantoms positive for the finding; evidence of the evaluated checkpoint)\n"
     )
@@ -183,19 +190,26 @@ def report():
 
 
 def main():
+    global OUT, GEOMETRY, SMOKE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--crop", type=int, nargs=3, default=(64, 96, 96), metavar=("D", "H", "W"))
+    parser.add_argument("--out", type=Path, default=OUT, help="the study's run folders")
+    parser.add_argument("--smoke", action="store_true", help="tiny runs: rehearse the commands on a CPU")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check").add_argument("--level", default="D", choices=sorted(LEVELS))
     one = commands.add_parser("run")
     one.add_argument("--seed", type=int, required=True, choices=SEEDS)
     one.add_argument("--arm", required=True, choices=ARMS)
+    one.add_argument("--level", default=STUDY_LEVEL, choices=sorted(LEVELS))
     commands.add_parser("report")
     args = parser.parse_args()
+    OUT, GEOMETRY = args.out, ["--crop", *map(str, args.crop), *GEOMETRY[4:]]
+    SMOKE = "--synthetic-cases 20 10 12 --max-steps 2 --epochs 1 -j 0".split() if args.smoke else []
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command == "check":
         check(args.level)
     elif args.command == "run":
-        run(args.seed, args.arm)
+        run(args.seed, args.arm, args.level)
     else:
         report()
 

@@ -1,0 +1,33 @@
+"""The prepared GPU run (bench/gpu_run.sh) rehearsed on the CPU at tiny sizes: every stage runs and its
+results come back packed, so the script cannot rot between device runs."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_run_smoke_rehearsal(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_SECONDS": "2400"}
+    env.pop("REHEARSE_CUDA_ON_CPU", None)
+    result = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "out"), "--smoke"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    stages = (tmp_path / "out" / "stages.txt").read_text()
+    for stage in ("1_cuda_tests", "2_bench", "3_study"):
+        assert f"{stage}: rc 0 " in stages, stages
+    assert "2b_masks: rc 0 " in stages or "2b_masks: skipped, TotalSegmentator" in stages
+    with tarfile.open(tmp_path / "out" / "gpu_run.tar.gz") as tar:
+        names = {Path(n).as_posix().lstrip("./") for n in tar.getnames()}
+        read = lambda name: tar.extractfile("./" + name).read().decode()  # noqa: E731
+        assert "passed" in read("1_cuda_tests.txt") and "failed" not in read("1_cuda_tests.txt")
+        assert "117 classes" in read("2_bench.txt") and "data wait" in read("2_bench.txt")
+        assert "CPU rehearsal" in read("environment.txt")
+        report = read("study96/report.txt")
+    assert "learning report" in report and "point_region" in report
+    expected = ("check_C/check.csv", "seg_s0/seg_report_test.json", "figure3.png", "report.txt")
+    assert {f"study96/{name}" for name in expected} <= names
+    assert not any(n.endswith(".pth") for n in names)  # checkpoints stay behind
