@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 import data
 import utils
 from labels import ABBREVIATIONS, read_predictions, write_predictions
-from learning_report import floors, format_report, learning_report
+from learning_report import floors, format_report, learning_report, structure_dice
 from model import probabilities
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
@@ -82,17 +82,10 @@ def dice_counts(pred, target, num_labels):
 
 def dice_summary(counts, structures):
     """Mean per-case Dice of each structure over the cases that contain it; counts (N, S, 3)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    summary = {}
-    for s, name in enumerate(structures):
-        present = counts[:, s, 2] > 0
-        dice = 2 * counts[present, s, 0] / (counts[present, s, 1] + counts[present, s, 2])
-        summary[name] = {
-            "dice": float(dice.mean()) if present.any() else math.nan,
-            "cases": int(present.sum()),
-        }
-    known = [v["dice"] for v in summary.values() if not math.isnan(v["dice"])]
-    summary["mean"] = {"dice": float(np.mean(known)) if known else math.nan, "cases": len(counts)}
+    present = (np.asarray(counts)[:, :, 2] > 0).sum(0)
+    dice = structure_dice(counts, structures)
+    summary = {name: {"dice": dice[name], "cases": int(n)} for name, n in zip(structures, present)}
+    summary["mean"] = {"dice": dice["mean"], "cases": len(counts)}
     return summary
 
 

@@ -88,17 +88,23 @@ def score(log_probs, mask, num_labels):
     return float(ce), torch.stack(counts).cpu().numpy().astype(np.int64)
 
 
-def summarise(ce_sum, voxels, dice_counts, structures):
-    """{"ce": mean per voxel, "dice": {structure: mean per-case Dice, "mean": over structures}}."""
+def structure_dice(dice_counts, structures):
+    """Per structure, the mean per-case Dice over the cases that contain it (nan if none), and "mean" over the
+    structures that have one; dice_counts (N, S, 3): intersection, predicted, true voxels."""
+    counts = np.asarray(dice_counts, dtype=np.float64)
     dice = {}
-    counts = np.asarray(dice_counts, dtype=np.float64)  # (N, S, 3)
     for s, name in enumerate(structures):
         present = counts[:, s, 2] > 0
         values = 2 * counts[present, s, 0] / (counts[present, s, 1] + counts[present, s, 2])
         dice[name] = float(values.mean()) if present.any() else float("nan")
     known = [v for v in dice.values() if not np.isnan(v)]
     dice["mean"] = float(np.mean(known)) if known else float("nan")
-    return {"ce": ce_sum / voxels, "dice": dice}
+    return dice
+
+
+def summarise(ce_sum, voxels, dice_counts, structures):
+    """{"ce": mean per voxel, "dice": structure_dice}."""
+    return {"ce": ce_sum / voxels, "dice": structure_dice(dice_counts, structures)}
 
 
 def fixed_map_row(log_probs, masks, structures):
