@@ -1,39 +1,29 @@
 """Datasets, cropping and intensity preprocessing (paper §3.1, appendix A.2).
 
-Arrays are (D, H, W) = (z, y, x) of a RAS-oriented volume; the paper's sizes are written x × y × z, so its
-"240x240x120 pad, 192x192x96 crop" is (120, 240, 240) and (96, 192, 192) here.
-
+Arrays are (D, H, W) = (z, y, x) of a RAS-oriented volume (the paper writes sizes x × y × z: ctkit/regions).
 Per sample the loader only copies an int16 window out of the stored volume (and the same window of the
 mask); clipping and scaling to [-1, 1] happen on the training device (`normalize`). "Pad/crop to P, then a
 random (train) or centre (eval) crop of C" is one window into the volume, padded where it leaves it.
 
-Labels come from the files each dataset distributes (labels.py); volumes and masks from make_masks.py's output
-(<prep>/ct, <prep>/mask). `synthetic` is the phantom dataset of synthetic.py, in memory or written to files.
+Labels come from the files each dataset distributes (ctkit/labels.py); volumes and masks from the prepared
+folder make_masks.py writes (ctkit/prep.py). `synthetic` is the phantom dataset of ctkit/synthetic.py, in
+memory or written to files. Both arms of a comparison get the same cases and the same crops: the case set
+never depends on whether the masks are read (`build_datasets`).
 """
 
 import dataclasses
 import os
 import warnings
-import zlib
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
-import labels
-import utils
-from ct_io import AIR_HU, check_layouts, check_prep_dir, nifti_layout
-from utils import BadInput
+from ctkit import labels, prep, synthetic, utils
+from ctkit.ct_io import AIR_HU
+from ctkit.regions import REGIONS
+from ctkit.utils import BadInput
 
-# fmt: off
-REGIONS = {  # paper Table 3; sizes (D, H, W)
-    "chest": dict(window=(-1000, 200), pad=(120, 240, 240), crop=(96, 192, 192), structures=(
-        "lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right",
-        "lung_middle_lobe_right", "lung_lower_lobe_right", "heart")),
-    "abdomen": dict(window=(-150, 250), pad=(192, 256, 256), crop=(160, 192, 176), structures=(
-        "liver", "spleen", "kidney_left", "kidney_right", "bowel")),
-}
-# fmt: on
 OPEN_VOLUMES = 64  # memory maps (CT + mask) a process keeps open; each costs one file descriptor
 
 
@@ -65,8 +55,6 @@ def make_task(dataset, crop=None, pad=None):
     region = "abdomen" if dataset == "ratic" else "chest"
     geometry = dict(REGIONS[region])
     if dataset == "synthetic":
-        import synthetic
-
         geometry.update(pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
     if crop:
         ratio = [p / c for p, c in zip(geometry["pad"], geometry["crop"])]
@@ -77,13 +65,6 @@ def make_task(dataset, crop=None, pad=None):
         geometry.update(pad=tuple(pad))
     kind = "ratic" if dataset == "ratic" else "multilabel"
     return Task(dataset, kind, region, tuple(labels.CLASSES[dataset]), **geometry)
-
-
-def mask_stamp(region):
-    """What make_masks.py writes into every mask's NIfTI description, checked for every case at training: the
-    region and a checksum of its label scheme (masks of the other region share labels 1-5)."""
-    scheme = ",".join(REGIONS[region]["structures"])
-    return f"make_masks region={region} labels={zlib.crc32(scheme.encode()):08x}"
 
 
 def normalize(ct, window):
@@ -120,21 +101,25 @@ def read_window(volume, starts, size, fill):
 
 
 class StoredVolumes:
-    """volumes[i] -> (ct, mask or None): np.memmap arrays (D, H, W) of make_masks.py's <prep>/ct/<case>.nii
-    and <prep>/mask/<case>.nii (NIfTI's x-fastest order is C order for (z, y, x)). Every header is read, and
-    CT and mask grids compared, once here, so that bad files fail before training starts. Each process
-    (DataLoader worker) keeps its most recently used maps open, up to OPEN_VOLUMES cases."""
+    """volumes[i] -> (ct, mask or None): np.memmap arrays (D, H, W) of the prepared <prep>/ct/<case>.nii and
+    <prep>/mask/<case>.nii (NIfTI's x-fastest order is C order for (z, y, x)). Every header is read, and CT
+    and mask grids compared, once here, so that bad files fail before training starts. Each process
+    (DataLoader worker) keeps its most recently used maps open, up to OPEN_VOLUMES cases.
 
-    def __init__(self, prep_dir, case_ids, with_mask, skip_missing=False, stamp=None):
+    `require` names the files a case must have to be kept (with skip_missing; else one missing stops the run),
+    `read_mask` whether the masks are opened; stamp: the mask stamp they must carry (prep.mask_stamp)."""
+
+    def __init__(self, prep_dir, case_ids, require, read_mask, skip_missing=False, stamp=None):
         self.entries, self.kept, self.missing, self.maps = [], [], [], OrderedDict()
         for position, case in enumerate(case_ids):
-            paths = [os.path.join(prep_dir, sub, f"{case}.nii") for sub in ("ct", "mask")[: 1 + with_mask]]
-            absent = [p for p in paths if not os.path.exists(p)]
+            absent = [prep.case_path(prep_dir, sub, case) for sub in require]
+            absent = [p for p in absent if not os.path.exists(p)]
             if absent:
                 self.missing.append(absent[0])
                 continue
-            layouts = [nifti_layout(p) for p in paths]
-            check_layouts(paths, layouts, stamp)
+            paths = [prep.case_path(prep_dir, sub, case) for sub in (prep.CT, prep.MASK)[: 1 + read_mask]]
+            layouts = [prep.nifti_layout(p) for p in paths]
+            prep.check_layouts(paths, layouts, stamp)
             self.entries.append(list(zip(paths, layouts)))
             self.kept.append(position)
         if self.missing and not skip_missing:
@@ -237,70 +222,84 @@ class EpochSampler(torch.utils.data.Sampler):
         return len(self.sampler) - self.skip
 
 
-def make_loader(dataset, args, train):
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where a run's cases come from: the label files (data_path), make_masks.py's output (prep_dir), and how
+    splits are made. data_path None with dataset "synthetic": phantoms made in memory, synthetic_cases of
+    them per split (default synthetic.SYNTHETIC's sizes)."""
+
+    dataset: str
+    data_path: str | None
+    prep_dir: str | None
+    val_fraction: float = 0.0
+    split_seed: int = 0
+    skip_missing: bool = False
+    synthetic_cases: tuple | None = None
+
+
+def build_datasets(task, source, seed, with_mask):
+    """{split: CTDataset} of the task's dataset; with_mask: the samples carry the masks (--seg).
+
+    The cases are the same with and without masks: with --skip-missing a case is kept when it has its CT and,
+    if the prepared folder has a mask/ folder, its mask, whether or not this run reads masks."""
+
+    def make(cases, volumes, y, split, groups=None):
+        options = dict(with_mask=with_mask, max_label=len(task.structures), groups=groups)
+        return CTDataset(cases, volumes, y, task.pad, task.crop, split == "train", seed, **options)
+
+    if source.dataset == "synthetic" and not source.data_path:  # phantoms in memory, sized to the pad box
+        sizes = source.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
+        return {
+            s: make(*synthetic.synthetic_split(s, n, pad=task.pad), s)
+            for s, n in zip(("train", "val", "test"), sizes)
+        }
+    prep.check_prep_dir(source.prep_dir, source.data_path)
+    tables = labels.tables(source.dataset, source.data_path, source.prep_dir, source.split_seed)
+    if source.val_fraction and "val" not in tables:
+        labels.hold_out(tables, source.val_fraction)
+    has_masks = os.path.isdir(os.path.join(source.prep_dir, prep.MASK))
+    require = (prep.CT, prep.MASK) if with_mask or (has_masks and source.skip_missing) else (prep.CT,)
+    splits, stamp = {}, prep.mask_stamp(task.region) if with_mask else None
+    for split, (cases, y, groups) in tables.items():
+        volumes = StoredVolumes(source.prep_dir, cases, require, with_mask, source.skip_missing, stamp)
+        if volumes.missing:
+            print(f"{split}: skipped {len(volumes.missing)} case(s) without a CT or mask (the same with and "
+                  "without --seg): " + ", ".join(volumes.missing))  # fmt: skip
+        if not volumes.kept:
+            raise BadInput(f"the {split} split of {source.dataset} is empty (labels from {source.data_path}, "
+                           f"volumes from {source.prep_dir})")  # fmt: skip
+        keep = volumes.kept
+        splits[split] = make([cases[i] for i in keep], volumes, y[keep], split, [groups[i] for i in keep])
+    return splits
+
+
+def make_loader(dataset, train, batch_size, workers=0, seed=0, pin_memory=False):
     """Training: a seeded DistributedSampler inside EpochSampler (keys carry the epoch; drop_last).
     Evaluation: every case exactly once, split over the processes (no padding duplicates in the metrics)."""
     rank, world_size = utils.get_rank(), utils.get_world_size()
     if train:
-        shuffled = torch.utils.data.DistributedSampler(
-            dataset, world_size, rank, seed=args.seed, drop_last=True
-        )
-        sampler = EpochSampler(shuffled, len(dataset), args.batch_size)
+        shuffled = torch.utils.data.DistributedSampler(dataset, world_size, rank, seed=seed, drop_last=True)
+        sampler = EpochSampler(shuffled, len(dataset), batch_size)
     else:
         sampler = list(range(rank, len(dataset), world_size))
     return torch.utils.data.DataLoader(
         dataset,
-        args.batch_size,
+        batch_size,
         sampler=sampler,
         drop_last=train,
         collate_fn=dataset.collate,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-        pin_memory=args.device.startswith("cuda"),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )
 
 
-def make_loaders(splits, args):
-    """(training loader, {"val"/"test": evaluation loader}) of the splits there are."""
-    evaluation = {
-        split: make_loader(splits[split], args, train=False) for split in ("val", "test") if split in splits
-    }
-    return make_loader(splits["train"], args, train=True), evaluation
-
-
-def build_datasets(args):
-    """{split: CTDataset} and the run's Task."""
-    task = make_task(args.dataset, args.crop, args.pad)
-
-    def make(cases, volumes, y, split, groups=None):
-        options = dict(with_mask=args.seg, max_label=len(task.structures), groups=groups)
-        return CTDataset(cases, volumes, y, task.pad, task.crop, split == "train", args.seed, **options)
-
-    if (
-        args.dataset == "synthetic" and not args.data_path
-    ):  # phantoms generated in memory, sized to the pad box
-        import synthetic
-
-        sizes = args.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
-        return {
-            s: make(*synthetic.synthetic_split(s, n, pad=task.pad), s)
-            for s, n in zip(("train", "val", "test"), sizes)
-        }, task
-    check_prep_dir(args.prep_dir, args.data_path)
-    tables = labels.tables(args)
-    if args.val_fraction and "val" not in tables:
-        labels.hold_out(tables, args.val_fraction)
-    splits, stamp = {}, mask_stamp(task.region) if args.seg else None
-    for split, (cases, y, groups) in tables.items():
-        volumes = StoredVolumes(args.prep_dir, cases, args.seg, args.skip_missing, stamp)
-        if volumes.missing:
-            print(
-                f"{split}: skipped {len(volumes.missing)} case(s) without files: "
-                + ", ".join(volumes.missing)
-            )
-        if not volumes.kept:
-            raise BadInput(f"the {split} split of {args.dataset} is empty (labels from {args.data_path}, "
-                           f"volumes from {args.prep_dir})")  # fmt: skip
-        keep = volumes.kept
-        splits[split] = make([cases[i] for i in keep], volumes, y[keep], split, [groups[i] for i in keep])
-    return splits, task
+def centre_masks(dataset, limit=None):
+    """The centre-crop masks (D, H, W) uint8 of a CTDataset's cases (the evaluated crops' frame), evenly
+    spaced over the cases if there are more than `limit`."""
+    n = len(dataset.case_ids)
+    picks = range(n) if not limit or n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
+    for i in picks:
+        mask = dataset.volumes[i][1]
+        starts = window_start(mask.shape, dataset.pad_size, dataset.crop_size)
+        yield np.asarray(read_window(mask, starts, dataset.crop_size, 0))

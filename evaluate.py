@@ -6,14 +6,14 @@ threshold sensitivity, specificity, precision of the positive class, F1 of the p
 support-weighted F1 (sklearn average='weighted': CT-CLIP's convention, which the paper's Table 6 follows).
 Macro averages are over the classes that have both labels; the others are counted as skipped.
 
-    python evaluate.py runs/synthetic_r3d_seg_s0     # one run: per-class table (+ Dice of the seg head)
-    python evaluate.py runs/*/ --figure fig3.png     # several runs: compare.py (Tables 1, 6-9, CIs, Figure 3)
+    python evaluate.py runs/synthetic_r3d_seg_s0     # one run: per-class table (+ the seg head's report)
+    python evaluate.py runs/*/ --figure fig3.png     # several runs: Tables 1, 6-9, CIs, Figure 3
 """
 
 import argparse
+import dataclasses
 import math
 import os
-import sys
 
 import numpy as np
 import torch
@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
-import utils
-from labels import ABBREVIATIONS, read_predictions, write_predictions
-from learning_report import floors, format_report, learning_report, structure_dice
+from ctkit import compare, utils
+from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
+from ctkit.learning_report import MAX_TRAIN_MASKS, floors, format_report, learning_report, structure_dice
+from ctkit.utils import BadInput
 from model import probabilities
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
@@ -150,11 +151,24 @@ def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=
             if seg:  # did the auxiliary branch learn the anatomy? Dice on the centre crops
                 dice_path = os.path.join(folder, f"dice_{name}.json")
                 utils.write_json(dice_path, dice_summary(counts, task.structures))
-            if seg and train_set is not None:  # ... beyond where organs usually lie? (learning_report.py)
-                grid, device = head_grid(model, task), next(model.parameters()).device  # fits there
-                report_floors = report_floors or floors(train_set, grid, len(task.structures) + 1, device)
-                head, bound_here = (float(ce.sum()), counts), bound and name == "test"
-                report = learning_report(head, report_floors, ds, grid, task.structures, bound_here, device)
+            if (
+                seg and train_set is not None
+            ):  # ... beyond where organs usually lie? (ctkit/learning_report.py)
+                grid, device, n = (
+                    head_grid(model, task),
+                    next(model.parameters()).device,
+                    len(task.structures),
+                )
+                train_masks = data.centre_masks(train_set, MAX_TRAIN_MASKS)
+                report_floors = report_floors or floors(train_masks, grid, n + 1, device)
+                head, masks, bound_here = (
+                    (float(ce.sum()), counts),
+                    list(data.centre_masks(ds)),
+                    bound and name == "test",
+                )
+                report = learning_report(
+                    head, report_floors, masks, grid, task.structures, bound_here, device
+                )
                 utils.write_json(os.path.join(folder, f"seg_report_{name}.json"), report)
     if utils.get_rank() == 0:
         if "val" in loaders:  # its thresholds are the ones predict.py applies to new cases
@@ -190,7 +204,7 @@ def validation_thresholds(path, method, per="auto"):
     """Thresholds chosen on the run's predictions_val.csv (beside `path`), per class with both labels."""
     val_path = os.path.join(os.path.dirname(path), "predictions_val.csv")
     if not os.path.isfile(val_path):
-        sys.exit(
+        raise BadInput(
             f"{val_path}: no validation predictions for --thresholds-from val (train with --val-fraction)"
         )
     val = read_predictions(val_path, per)
@@ -249,6 +263,28 @@ def evaluate_predictions(path, method="youden", thresholds_from="test", quiet=Fa
     return rows, macro
 
 
+def load_runs(folders, method, thresholds_from, per="auto"):
+    """The runs of ctkit/compare.py: each run folder's config, test predictions (per case, or per patient for
+    RATIC), metrics and seg head Dice."""
+    runs = []
+    for folder in folders:
+        config_path, path = os.path.join(folder, "config.json"), os.path.join(folder, "predictions_test.csv")
+        if not os.path.isfile(config_path):
+            raise BadInput(f"{folder}: no config.json (not a run folder written by train.py)")
+        if not os.path.isfile(path):
+            raise BadInput(f"{path}: missing (did the run finish?)")
+        config = utils.read_json(config_path)
+        rows, macro = evaluate_predictions(path, method, thresholds_from, quiet=True, per=per)
+        key = (config["dataset"], config["model"], bool(config.get("pretrained")), config["seg"])
+        run = dict(
+            folder=folder, key=key, seed=config["seed"], rows=rows, macro=macro, **read_predictions(path, per)
+        )
+        dice_path = os.path.join(folder, "dice_test.json")
+        run["dice"] = utils.read_json(dice_path) if os.path.isfile(dice_path) else None
+        runs.append(run)
+    return runs
+
+
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run folders (or one predictions CSV)")
@@ -271,17 +307,52 @@ def get_args_parser():
     return p
 
 
-def main(args):
-    if len(args.paths) > 1:  # several runs: compare.py
-        import compare
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What to evaluate and how, resolved once from the command line."""
 
-        return compare.main(args)
-    path = args.paths[0]
+    paths: tuple
+    threshold: str
+    thresholds_from: str
+    per: str
+    bootstrap: int
+    seed: int
+    figure: str | None
+    output: str | None
+
+
+def compare_runs(s):
+    """Several run folders side by side (ctkit/compare.py): <output>.txt / .json and Figure 3."""
+    runs = load_runs(s.paths, s.threshold, s.thresholds_from, s.per)
+    where = "validation split" if s.thresholds_from == "val" else "evaluated set"
+    method = "Youden's J" if s.threshold == "youden" else "closest to (0, 1)"
+    stem = s.output or os.path.join(os.path.dirname(os.path.abspath(s.paths[0].rstrip("/"))), "comparison")
+    compare.write_comparison(
+        runs, stem, s.bootstrap, s.seed, f"{len(runs)} runs; thresholds: {method} on the {where}"
+    )
+    if s.figure:
+        compare.figure3(runs, s.figure)
+        print(f"wrote {s.figure}")
+
+
+def main(args):
+    s = Settings(**{**vars(args), "paths": tuple(args.paths)})
+    if len(s.paths) > 1:
+        return compare_runs(s)
+    path = s.paths[0]
     path = os.path.join(path, "predictions_test.csv") if os.path.isdir(path) else path
     if not os.path.isfile(path):
-        sys.exit(f"{path}: no such predictions file")
-    return evaluate_predictions(path, args.threshold, args.thresholds_from, per=args.per)
+        raise BadInput(f"{path}: no such predictions file")
+    return evaluate_predictions(path, s.threshold, s.thresholds_from, per=s.per)
+
+
+def cli(argv=None):
+    """The command line: unusable input ends in one line and exit status 1."""
+    try:
+        main(get_args_parser().parse_args(argv))
+    except (BadInput, OSError) as error:
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli()

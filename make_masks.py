@@ -4,11 +4,11 @@
     python make_masks.py --src ct/ --dst prep/ --region chest --from-totalseg ts_seg/ts_total/
     python make_masks.py --src ct/ --dst prep/ --region abdomen --shard 3/8   # 8 GPUs / a SLURM array
 
-Every case found under --src (recursively; readers in ct_io.py) is reoriented to RAS, resampled trilinearly
+Every case found under --src (recursively; readers in ctkit/ct_io.py) is reoriented to RAS, resampled linearly
 onto a 1.5 x 1.5 x 3 mm grid, clipped to [-1000, 1000] HU and stored as <dst>/ct/<case>.nii (int16,
 uncompressed, so that training reads crops through a memory map). TotalSegmentator (task 'total', fast) then
 runs on that CT, and the region's structures are merged into <dst>/mask/<case>.nii (uint8, same grid, the
-region and label scheme in its NIfTI description):
+region and label scheme in its NIfTI description; the folder's layout is defined in ctkit/prep.py):
   chest:   1 lung_upper_lobe_left 2 lung_lower_lobe_left 3 lung_upper_lobe_right 4 lung_middle_lobe_right
            5 lung_lower_lobe_right 6 heart
   abdomen: 1 liver 2 spleen 3 kidney_left 4 kidney_right
@@ -23,10 +23,9 @@ skipped, files are written atomically, and unreadable inputs are reported at the
 """
 
 import argparse
+import dataclasses
 import fnmatch
-import json
 import os
-import sys
 import time
 import zlib
 from collections import deque
@@ -36,26 +35,27 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-import ct_io
-import data
-import mask_qc
-import totalseg
-import utils
+from ctkit import ct_io, mask_qc, prep, totalseg
+from ctkit.regions import REGIONS
+from ctkit.utils import BadInput
 
-MERGED = {"bowel": ("esophagus", "stomach", "duodenum", "small_bowel", "colon")}
 PREFETCH = 2  # cases read ahead of the network, and written behind it
 
 
-def label_lut(region):
-    """TotalSegmentator class id -> our label (0 elsewhere), from TotalSegmentator's own class map."""
-    from totalsegmentator.map_to_binary import class_map
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The command line, resolved once (the metadata CSVs are read by prepare)."""
 
-    ids = {name: i for i, name in class_map["total"].items()}
-    lut = np.zeros(256, np.uint8)
-    for label, structure in enumerate(data.REGIONS[region]["structures"], start=1):
-        for name in MERGED.get(structure, (structure,)):
-            lut[ids[name]] = label
-    return lut
+    src: Path
+    dst: Path
+    region: str
+    from_totalseg: Path | None
+    metadata: tuple
+    exclude: tuple
+    device: str
+    engine: str
+    shard: str
+    preview: int
 
 
 def find_cases(src, skip=(), exclude=()):
@@ -67,7 +67,7 @@ def find_cases(src, skip=(), exclude=()):
     cases = {}
     for root, dirs, files in os.walk(src):
         root = Path(root)
-        dirs[:] = sorted(d for d in dirs if (root / d).resolve() not in skip and not is_prep(root / d))
+        dirs[:] = sorted(d for d in dirs if (root / d).resolve() not in skip and not prep.is_prep(root / d))
         for name in sorted(files):
             kind = "nifti" if name.endswith((".nii", ".nii.gz")) else "npz" if name.endswith(".npz") else None
             if kind is None or excluded(root / name):
@@ -75,7 +75,7 @@ def find_cases(src, skip=(), exclude=()):
             case = name.split(".nii")[0] if kind == "nifti" else name[: -len(".npz")]
             if case in cases:
                 example = (root / name).relative_to(src).parent.as_posix()
-                raise SystemExit(
+                raise BadInput(
                     f"two inputs give case id {case}: {cases[case][1]} and {root / name}. Restrict the "
                     "inputs with --exclude PATTERN (a glob on paths below --src, repeatable), e.g. "
                     f"--exclude '{example}/*', or point --src at the volumes' own folder"
@@ -85,14 +85,9 @@ def find_cases(src, skip=(), exclude=()):
         if others and not excluded(root) and any(ct_io.is_dicom(root / name) for name in others):
             case = f"{root.parent.name}_{root.name}"
             if case in cases:
-                raise SystemExit(f"two inputs give case id {case}: {cases[case][1]} and {root}")
+                raise BadInput(f"two inputs give case id {case}: {cases[case][1]} and {root}")
             cases[case] = ("dicom", root)
     return cases
-
-
-def is_prep(folder):
-    """A make_masks.py output folder (ct/ and mask/ beside each other): never an input."""
-    return (folder / "ct").is_dir() and (folder / "mask").is_dir()
 
 
 def in_shard(case, shard):
@@ -101,28 +96,13 @@ def in_shard(case, shard):
     return zlib.crc32(case.encode()) % count == index
 
 
-def is_done(dst, case, stamp):
-    """CT, QC record and mask (written last) exist, are complete, share one grid and the mask has this
-    region's stamp. A mask stamped for the other region stops the run: one prep folder holds one region."""
-    try:
-        ct, mask = (ct_io.nifti_layout(dst / sub / f"{case}.nii") for sub in ("ct", "mask"))
-    except (OSError, ValueError):
-        return False
-    if mask["description"] not in (stamp, "") and mask["description"].startswith("make_masks region="):
-        path = dst / "mask" / f"{case}.nii"
-        raise SystemExit(f"{path} is {mask['description']!r}, this run {stamp!r}: one --dst holds the masks "
-                         "of one region; use another --dst")  # fmt: skip
-    same_grid = ct["shape"] == mask["shape"] and np.allclose(ct["affine"], mask["affine"], atol=1e-4)
-    return same_grid and mask["description"] == stamp and (dst / "qc" / f"{case}.json").exists()
-
-
 # ----------------------------------------------------------------------------- one case
 
 
-def totalseg_map(case, kind, hu, affine, args, totalseg_files):
+def totalseg_map(case, kind, hu, affine, s, totalseg_files):
     """An existing TotalSegmentator map of the case, as (labels, affine) on which it can be resampled."""
     if case not in totalseg_files:
-        raise ValueError(f"no TotalSegmentator file named {case}.nii[.gz] under {args.from_totalseg}")
+        raise ValueError(f"no TotalSegmentator file named {case}.nii[.gz] under {s.from_totalseg}")
     seg_img = nib.load(totalseg_files[case])
     seg = np.asanyarray(seg_img.dataobj).astype(np.uint8)
     if kind == "npz":  # no header: origin and spacing are arbitrary, orientation and shape must match
@@ -138,42 +118,39 @@ def totalseg_map(case, kind, hu, affine, args, totalseg_files):
     return seg, seg_img.affine
 
 
-def load(case, args, lut, totalseg_files, kind, path):
+def load(case, s, metadata, lut, totalseg_files, kind, path):
     """The CPU work before the network (a reader thread): read and resample the CT, and with --from-totalseg
     merge and resample its map. Returns (ct, affine, mask or None)."""
-    hu, affine = ct_io.read_case(kind, path, args.metadata)
+    hu, affine = ct_io.read_case(kind, path, metadata)
     ct, out_affine = ct_io.preprocess_ct(hu, affine)
-    if not args.from_totalseg:
+    if not s.from_totalseg:
         return ct, out_affine, None
-    seg, seg_affine = totalseg_map(case, kind, hu, affine, args, totalseg_files)
+    seg, seg_affine = totalseg_map(case, kind, hu, affine, s, totalseg_files)
     return ct, out_affine, ct_io.resample(lut[seg], seg_affine, ct.shape, out_affine, 0, 0)
 
 
-def save(case, ct, affine, mask, args):
+def save(case, ct, affine, mask, s):
     """The CPU work after it (a writer thread): the CT, its QC record, then the mask, whose presence (with the
-    region's stamp) marks the case as done."""
-    ct_io.save_nifti(ct, affine, args.dst / "ct" / f"{case}.nii")
-    with utils.atomic_path(args.dst / "qc" / f"{case}.json") as tmp:
-        Path(tmp).write_text(json.dumps(mask_qc.case_row(case, mask, affine, args.region)))
-    ct_io.save_nifti(mask, affine, args.dst / "mask" / f"{case}.nii", data.mask_stamp(args.region))
+    region's stamp) marks the case as done (prep.write_case)."""
+    prep.write_case(s.dst, case, ct, affine, mask, s.region, mask_qc.case_row(case, mask, affine, s.region))
 
 
-def segmenter(args):
+def segmenter(s):
     """CT image -> TotalSegmentator's class ids: one predictor built once (--engine predictor, the default) or
     TotalSegmentator's own per-case call (--engine totalsegmentator, the reference); None with
     --from-totalseg."""
-    if args.from_totalseg:
+    if s.from_totalseg:
         return None
-    if args.engine == "totalsegmentator":
+    if s.engine == "totalsegmentator":
         totalseg.disable_usage_stats()
-        return lambda img: totalseg.reference(img, args.device)
-    return totalseg.FastTotal(args.device)
+        return lambda img: totalseg.reference(img, s.device)
+    return totalseg.FastTotal(s.device)
 
 
-def run_cases(todo, cases, args, lut, totalseg_files, progress):
+def run_cases(todo, cases, s, inputs, progress):
     """Every case through load (reader thread, PREFETCH cases ahead), TotalSegmentator (this thread: the GPU
     never waits for a file) and save (writer thread). Returns the failures, one line each."""
-    segment, failures, writes = segmenter(args), [], deque()
+    segment, failures, writes = segmenter(s), [], deque()
 
     def fail(case, error):
         failures.append(f"{cases[case][1]}: {type(error).__name__}: {error}")
@@ -187,7 +164,7 @@ def run_cases(todo, cases, args, lut, totalseg_files, progress):
             fail(case, error)
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        read = lambda case: reader.submit(load, case, args, lut, totalseg_files, *cases[case])  # noqa: E731
+        read = lambda case: reader.submit(load, case, s, *inputs, *cases[case])  # noqa: E731
         loads = deque((case, read(case)) for case in todo[:PREFETCH])
         for position, case in enumerate(todo):
             if position + PREFETCH < len(todo):
@@ -195,8 +172,10 @@ def run_cases(todo, cases, args, lut, totalseg_files, progress):
             try:
                 ct, affine, mask = loads.popleft()[1].result()
                 if mask is None:
-                    mask = lut[np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)]
-                writes.append((case, writer.submit(save, case, ct, affine, mask, args)))
+                    mask = inputs[1][
+                        np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)
+                    ]
+                writes.append((case, writer.submit(save, case, ct, affine, mask, s)))
             except (Exception, SystemExit) as error:  # TotalSegmentator exits on some inputs: a failed case
                 fail(case, error)
             while writes and (len(writes) > PREFETCH or writes[0][1].done()):
@@ -212,7 +191,7 @@ def get_args_parser():
     )
     parser.add_argument("--src", required=True, type=Path, help="folder searched recursively for CTs")
     parser.add_argument("--dst", required=True, type=Path, help="output folder (ct/, mask/, qc/)")
-    parser.add_argument("--region", required=True, choices=tuple(data.REGIONS))
+    parser.add_argument("--region", required=True, choices=tuple(REGIONS))
     parser.add_argument("--from-totalseg", type=Path, help="existing TotalSegmentator multilabel outputs")
     parser.add_argument(
         "--metadata", nargs="+", help="CT-RATE metadata CSV(s) for the original (not _fixed) files"
@@ -226,48 +205,38 @@ def get_args_parser():
     return parser
 
 
-def prepare(args):
-    """The cases of this shard and what is needed to process them; removes a killed run's temporary files."""
-    cases = find_cases(args.src, skip=(args.dst, args.from_totalseg), exclude=args.exclude)
-    mine = sorted(c for c in cases if in_shard(c, args.shard))
+def prepare(s):
+    """The cases of this shard and what is needed to process them: (cases, mine, (metadata, lut,
+    TotalSegmentator files)); removes a killed run's temporary files."""
+    cases = find_cases(s.src, skip=(s.dst, s.from_totalseg), exclude=s.exclude)
+    mine = sorted(c for c in cases if in_shard(c, s.shard))
     if not mine:
-        sys.exit(f"no CT found under {args.src} for shard {args.shard} (NIfTI, .npz or DICOM series folders)")
-    for sub in ("ct", "mask", "qc"):
-        (args.dst / sub).mkdir(parents=True, exist_ok=True)
-        for name in os.listdir(args.dst / sub):  # temporary files of a killed run (cases of this shard only)
-            if (
-                name.startswith(".")
-                and ".tmp" in name
-                and in_shard(name[1:].rsplit(".tmp", 1)[0], args.shard)
-            ):
-                (args.dst / sub / name).unlink()
-    args.metadata = ct_io.load_metadata(args.metadata)
+        raise BadInput(f"no CT found under {s.src} for shard {s.shard} (NIfTI, .npz or DICOM series folders)")
+    prep.remove_temporaries(s.dst, lambda case: in_shard(case, s.shard))  # a killed run's, this shard's cases
     totalseg_files = {}
-    for path in sorted(args.from_totalseg.rglob("*.nii*")) if args.from_totalseg else ():
+    for path in sorted(s.from_totalseg.rglob("*.nii*")) if s.from_totalseg else ():
         case = path.name.split(".nii")[0]
         if case in totalseg_files:
-            sys.exit(f"two TotalSegmentator maps for case {case}: {totalseg_files[case]} and {path}")
+            raise BadInput(f"two TotalSegmentator maps for case {case}: {totalseg_files[case]} and {path}")
         totalseg_files[case] = path
-    return cases, mine, totalseg_files
+    return cases, mine, (ct_io.load_metadata(s.metadata), prep.label_lut(s.region), totalseg_files)
 
 
 def main(args):
-    from tqdm import tqdm
+    from tqdm import tqdm  # the progress bar: only when masks are made
 
-    cases, mine, totalseg_files = prepare(args)
-    lut, stamp = label_lut(args.region), data.mask_stamp(args.region)
-    todo = [c for c in mine if not is_done(args.dst, c, stamp)]
-    print(
-        f"{len(cases)} cases under {args.src}; shard {args.shard}: {len(mine)}, {len(mine) - len(todo)} done"
-    )
+    s = Settings(**{**vars(args), "metadata": tuple(args.metadata or ()), "exclude": tuple(args.exclude)})
+    cases, mine, inputs = prepare(s)
+    todo = [c for c in mine if not prep.is_done(s.dst, c, s.region)]
+    print(f"{len(cases)} cases under {s.src}; shard {s.shard}: {len(mine)}, {len(mine) - len(todo)} done")
     with tqdm(total=len(todo), unit="case") as progress:
-        failures = run_cases(todo, cases, args, lut, totalseg_files, SummaryEvery(progress, args.dst))
-    mask_qc.write_summary(args.dst)
-    for case in [c for c in mine if is_done(args.dst, c, stamp)][: args.preview]:
-        mask_qc.write_preview(args.dst, case, args.region)
+        failures = run_cases(todo, cases, s, inputs, SummaryEvery(progress, s.dst))
+    mask_qc.write_summary(s.dst)
+    for case in [c for c in mine if prep.is_done(s.dst, c, s.region)][: s.preview]:
+        mask_qc.write_preview(s.dst, case, s.region)
     if failures:
-        sys.exit(f"{len(failures)} of {len(todo)} case(s) failed:\n  " + "\n  ".join(failures))
-    print(f"done: {len(mine)} cases in {args.dst}; quality control in {args.dst / 'masks_summary.csv'}")
+        raise BadInput(f"{len(failures)} of {len(todo)} case(s) failed:\n  " + "\n  ".join(failures))
+    print(f"done: {len(mine)} cases in {s.dst}; quality control in {s.dst / mask_qc.SUMMARY}")
 
 
 class SummaryEvery:
@@ -293,5 +262,13 @@ class SummaryEvery:
         self.progress.write(line)
 
 
+def cli(argv=None):
+    """The command line: unusable input, or cases that failed (listed), end in a message and exit status 1."""
+    try:
+        main(get_args_parser().parse_args(argv))
+    except BadInput as error:
+        raise SystemExit(str(error)) from None
+
+
 if __name__ == "__main__":  # TotalSegmentator's workers are spawned: keep the entry point guarded
-    main(get_args_parser().parse_args())
+    cli()

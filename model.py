@@ -9,8 +9,9 @@ Backbones are torchvision's video models with the "time" axis used for depth; in
 The method is the block "the objective" below: classification = global average pooling of the last feature
 map + linear (eq. 1); segmentation = a 1x1x1 conv on the same feature map, trilinear upsampling to the input
 size and cross-entropy against the TotalSegmentator mask (eq. 3); L = L_cls + L_seg (eq. 4, eq. 5 for RATIC).
-`model(x)` is the plain classifier (inference never touches the seg head); `model(x, mask)` also returns the
-segmentation loss. Kinetics-400 loading is in pretrained.py.
+`CTClassifier(x)` is the plain classifier, what is saved and deployed (it never runs the seg head);
+`Objective(classifier, ...)(x, labels, mask)` is the whole training loss, (L, L_cls, L_seg), in one place.
+Kinetics-400 loading is in ctkit/pretrained.py.
 
     python model.py    # prints feature-map shapes and parameter counts for the paper's crops
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torchvision.models import video as tv_video
 
-from labels import RATIC_COLUMNS
+from ctkit.labels import RATIC_COLUMNS
 
 ARCHS = ("r3d", "mvit", "swin")
 PATCH_DEPTH = 16  # mvit and swin embed 16 slices per token; crops' depth must be a multiple of it
@@ -106,24 +107,50 @@ class Backbone(nn.Module):
 
 class CTClassifier(nn.Module):
     """Backbone -> global average pooling + linear (eq. 1). With seg_classes > 0 (structures + background), a
-    1x1x1 conv on the same lowest-resolution feature map learns the anatomy (eq. 3) during training only."""
+    1x1x1 conv on the same lowest-resolution feature map, which only the training Objective uses (eq. 3)."""
 
-    def __init__(self, arch, num_outputs, input_size, seg_classes=0, seg_chunk=0):
+    def __init__(self, arch, num_outputs, input_size, seg_classes=0):
         super().__init__()
         self.backbone = Backbone(arch, input_size)
         self.head = nn.Linear(self.backbone.out_channels, num_outputs)
+        # built after the head: the same seed gives both arms the same backbone and classifier weights
         self.seg_head = nn.Conv3d(self.backbone.out_channels, seg_classes, 1) if seg_classes else None
-        self.seg_chunk = seg_chunk  # 0: the paper's plain loss; N > 0: the same loss, N slices at a time
 
-    def forward(self, x, mask=None):
-        """x (B, 1, D, H, W) -> logits (B, K); with mask (B, D, H, W) -> (logits, segmentation loss)."""
-        features = self.backbone(x)  # (B, C, d, h, w)
-        logits = self.head(features.mean(dim=(2, 3, 4)))
+    def forward(self, x):
+        """x (B, 1, D, H, W) -> logits (B, K): the deployed classifier, with or without a seg head."""
+        return self.classify(self.backbone(x))
+
+    def classify(self, features):
+        """Eq. 1 without its normalizing function: (B, C, d, h, w) -> (B, K)."""
+        return self.head(features.mean(dim=(2, 3, 4)))
+
+
+class Objective(nn.Module):
+    """The training objective, top to bottom (eq. 1, 3, 4; eq. 5 for RATIC):
+
+        features = backbone(x)                                        (B, C, d, h, w)
+        L_cls    = BCE(linear(mean over voxels of features), y)       eq. 1, 4 (RATIC: eq. 5's heads)
+        L_seg    = CE(trilinear upsample(conv1x1(features)), mask)    eq. 3, only with a mask (--seg)
+        L        = L_cls + seg_weight * L_seg                         eq. 4; seg_weight 1 in the paper
+
+    forward(x, labels, mask=None) -> (L, L_cls, L_seg), L_seg = 0 without a mask. It wraps the classifier
+    (DistributedDataParallel wraps it in turn); the classifier itself never computes a loss. seg_chunk N > 0
+    computes the same L_seg N slices at a time (less memory; tested equal to the plain form)."""
+
+    def __init__(self, classifier, kind, seg_weight=1.0, seg_chunk=0):
+        super().__init__()
+        self.classifier, self.kind, self.seg_weight, self.seg_chunk = classifier, kind, seg_weight, seg_chunk
+
+    def forward(self, x, labels, mask=None):
+        net = self.classifier
+        features = net.backbone(x)  # (B, C, d, h, w)
+        cls_loss = classification_loss(net.classify(features), labels, self.kind)
         if mask is None:
-            return logits
-        if self.seg_head is None:
-            raise ValueError("this model has no segmentation head (built without --seg): call model(x)")
-        return logits, segmentation_loss(self.seg_head(features), mask, self.seg_chunk)
+            return cls_loss, cls_loss, torch.zeros((), device=x.device)
+        if net.seg_head is None:
+            raise ValueError("this model has no segmentation head (built without --seg): give no mask")
+        seg_loss = segmentation_loss(net.seg_head(features), mask, self.seg_chunk)  # (B, S, d, h, w) logits
+        return cls_loss + self.seg_weight * seg_loss, cls_loss, seg_loss
 
 
 def segmentation_loss(seg_logits, mask, chunk=0):
@@ -141,25 +168,14 @@ def classification_loss(logits, labels, kind):
     return F.binary_cross_entropy_with_logits(logits.float(), labels)
 
 
-def compute_loss(model, ct, labels, kind, mask=None, seg_weight=1.0):
-    """Eq. 4 / 5: L = L_cls + seg_weight * L_seg (the paper: weight 1); without a mask, L = L_cls.
-    Returns (L, L_cls, L_seg) so that both terms can be logged."""
-    if mask is None:
-        logits, seg_loss = model(ct), torch.zeros((), device=ct.device)
-    else:
-        logits, seg_loss = model(ct, mask)
-    cls_loss = classification_loss(logits, labels, kind)
-    return cls_loss + seg_weight * seg_loss, cls_loss, seg_loss
-
-
 # ----------------------------------------------------------------------------- building and using a model
 
 
-def build_model(arch, task, seg=False, seg_chunk=0):
+def build_model(arch, task, seg=False):
     """The classifier for a data.Task: an output per class (RATIC: its 11 head outputs) and, with seg, a
     segmentation head over the task's structures + background."""
     outputs = RATIC_OUTPUTS if task.kind == "ratic" else len(task.classes)
-    return CTClassifier(arch, outputs, task.crop, len(task.structures) + 1 if seg else 0, seg_chunk)
+    return CTClassifier(arch, outputs, task.crop, len(task.structures) + 1 if seg else 0)
 
 
 def probabilities(logits, task):

@@ -15,9 +15,9 @@ from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
 import data
 import evaluate
 import model
-import synthetic
 import train
-import utils
+from ctkit import synthetic, utils
+from ctkit.regions import REGIONS
 from model import ARCHS, Backbone, CTClassifier, torchvision_model
 
 STEMS = {"r3d": "stem.0.", "mvit": "conv_proj.", "swin": "patch_embed.proj."}  # replaced: 1 input channel
@@ -71,8 +71,9 @@ def test_seg_head_only_when_asked():
     n_plain = sum(p.numel() for p in plain.parameters())
     assert sum(p.numel() for p in seg.parameters()) == n_plain + 512 * 7 + 7
     x, mask = torch.randn(2, 1, 32, 32, 32), torch.randint(0, 7, (2, 32, 32, 32))
-    logits, seg_loss = seg.train()(x, mask)  # training: the classifier's logits and eq. 3's loss
-    assert logits.shape == (2, 3) and seg_loss.ndim == 0 and seg_loss > 0
+    loss, cls_loss, seg_loss = model.Objective(seg.train(), "multilabel")(x, torch.ones(2, 3), mask)
+    assert seg_loss.ndim == 0 and seg_loss > 0 and torch.isclose(loss, cls_loss + seg_loss)
+    assert seg(x).shape == (2, 3)
     assert model.segment(seg, x).shape == (2, 32, 32, 32)  # a label map from the 2x2x2 feature map
     seg.eval()
     with torch.no_grad():  # inference is exactly the plain classifier: one tensor, the seg head never runs
@@ -82,6 +83,27 @@ def test_seg_head_only_when_asked():
 
 def logits_without_seg_head(net, x):
     return net.head(net.backbone(x).mean(dim=(2, 3, 4)))
+
+
+@pytest.mark.parametrize("seg_weight", [1.0, 0.3])
+def test_objective_is_the_papers_equations_written_out(seg_weight):
+    """Objective(x, y, mask) against eq. 1, 3 and 4 written out by hand; without a mask L = L_cls. (The
+    losses are taken in float32, as under autocast: hence the tolerance on a float64 model.)"""
+    torch.manual_seed(0)
+    net = CTClassifier("r3d", 3, (32, 32, 32), seg_classes=7).double().eval()
+    x, y = torch.randn(2, 1, 32, 32, 32, dtype=torch.float64), torch.tensor([[1.0, 0, 1], [0, 0, 1]]).double()
+    mask = torch.randint(0, 7, (2, 32, 32, 32), dtype=torch.uint8)
+    features = net.backbone(x)  # (2, 512, 2, 2, 2)
+    cls = F.binary_cross_entropy_with_logits(net.head(features.mean(dim=(2, 3, 4))), y)  # eq. 1, 4
+    full = F.interpolate(net.seg_head(features), size=(32, 32, 32), mode="trilinear", align_corners=False)
+    seg = F.cross_entropy(full, mask.long())  # eq. 3
+    objective = model.Objective(net, "multilabel", seg_weight)
+    with torch.no_grad():
+        got = objective(x, y, mask)
+        expected = (cls + seg_weight * seg, cls, seg)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7, check_dtype=False)
+        without = objective(x, y)
+        torch.testing.assert_close(without, (cls, cls, torch.zeros(())), rtol=1e-6, atol=0, check_dtype=False)
 
 
 def test_default_segmentation_loss_is_the_papers_three_lines():
@@ -112,7 +134,7 @@ def test_chunked_segmentation_loss_equals_the_plain_one(size):
 
 def test_table3_sizes_in_our_axis_order():
     """Table 3 writes x × y × z; arrays here are (D, H, W) = (z, y, x)."""
-    chest, abdomen = data.REGIONS["chest"], data.REGIONS["abdomen"]
+    chest, abdomen = REGIONS["chest"], REGIONS["abdomen"]
     assert chest["pad"] == (120, 240, 240) and chest["crop"] == (96, 192, 192)  # 240x240x120, 192x192x96
     assert abdomen["pad"] == (192, 256, 256)  # 256 x 256 x 192
     assert abdomen["crop"] == (160, 192, 176)  # 176 x 192 x 160
@@ -180,7 +202,7 @@ def test_each_backbone_trains(tmp_path, arch, seg):
     short = ["--epochs", "1", "--max-steps", "2", "--crop", "32", "32", "32"]
     run_train(tmp_path, "--model", arch, *short, *(["--seg"] if seg else []))
     rows = read_dicts(tmp_path / "iterations.csv")
-    assert len(rows) == 2 and list(rows[0]) == list(train.ITERATION_FIELDS)
+    assert len(rows) == 2 and list(rows[0]) == list(utils.StepLog.FIELDS)
     for row in rows:
         loss, cls_loss, seg_loss, grad_norm = (float(row[k]) for k in utils.StepLog.VALUES)
         assert all(math.isfinite(v) for v in (loss, cls_loss, seg_loss, grad_norm))
@@ -199,7 +221,7 @@ def test_fixed_batch_overfits():
     x = data.normalize(batch["ct"], (-1000, 200))
     losses = []
     for _ in range(12):
-        loss, _, _ = model.compute_loss(net, x, batch["label"], "multilabel", batch["mask"])
+        loss, _, _ = model.Objective(net, "multilabel")(x, batch["label"], batch["mask"])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -223,10 +245,8 @@ def test_resume_round_trip_gives_identical_predictions(tmp_path, monkeypatch, cr
     monkeypatch.setattr(utils, "save_checkpoint", real_save)
     resumed = run_train(tmp_path / "resumed", "--epochs", "2", "--checkpoint-every", "2", "--resume")
     assert read_rows(straight / "predictions_test.csv") == read_rows(resumed / "predictions_test.csv")
-    log = [[r[k] for k in train.ITERATION_FIELDS[:-1]] for r in read_dicts(straight / "iterations.csv")]
-    resumed_log = [
-        [r[k] for k in train.ITERATION_FIELDS[:-1]] for r in read_dicts(resumed / "iterations.csv")
-    ]
+    log = [[r[k] for k in utils.StepLog.FIELDS[:-1]] for r in read_dicts(straight / "iterations.csv")]
+    resumed_log = [[r[k] for k in utils.StepLog.FIELDS[:-1]] for r in read_dicts(resumed / "iterations.csv")]
     assert log == resumed_log
     state = utils.load_checkpoint(resumed / "checkpoint.pth")  # tensors and plain types only
     assert state["iteration"] == 6
@@ -292,4 +312,6 @@ def test_predictions_csv_round_trip(tmp_path):
 def test_a_model_without_seg_head_says_so_when_given_a_mask():
     net = CTClassifier("r3d", 3, (32, 32, 32))
     with pytest.raises(ValueError, match="no segmentation head"):
-        net(torch.randn(1, 1, 32, 32, 32), torch.zeros(1, 32, 32, 32, dtype=torch.long))
+        model.Objective(net, "multilabel")(
+            torch.randn(1, 1, 32, 32, 32), torch.ones(1, 3), torch.zeros(1, 32, 32, 32)
+        )

@@ -1,21 +1,23 @@
 """Train a 3D CT classifier, optionally with the auxiliary anatomy-segmentation loss (paper §2.2, §3.1, A.3).
 
-    python train.py --seg                    # synthetic chest phantoms, R3D-18, ~7 min on 2 CPU cores
+    python train.py --seg                    # synthetic chest phantoms, R3D-18, ~8 min on 2 CPU cores
     python train.py --dataset radchest --data-path /data/RAD-ChestCT --model r3d --seg --amp
 
-The objective (eq. 4, eq. 5 for RATIC) is model.compute_loss; without --seg there is no segmentation head.
+The objective (eq. 4, eq. 5 for RATIC) is model.Objective; without --seg there is no segmentation head.
 AdamW (weight decay 1e-4), cosine learning rate per iteration, gradient-norm clipping at 5.0, and Table 4's
-learning rate / batch size / epochs unless given. Under torchrun every process takes a batch of -b cases.
-The run folder gets config.json, iterations.csv, epochs.csv, checkpoint.pth (latest), checkpoint_best.pth
-(best validation macro AUC), predictions, metrics and with --seg the seg head's Dice, each written atomically.
-After a crash, rerun the same command with --resume: on CPU it ends where an uninterrupted run would.
+learning rate / batch size / epochs unless given: the command line is resolved once into `Settings`, printed
+with where each value comes from and saved as config.json. Under torchrun every process takes a batch of -b
+cases. The run folder gets config.json, iterations.csv, epochs.csv, checkpoint.pth (latest),
+checkpoint_best.pth (best validation macro AUC), predictions, metrics and with --seg the seg head's Dice and
+learning report, each written atomically. After a crash, rerun the same command with --resume: on CPU it ends
+where an uninterrupted run would.
 """
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
-import re
 import sys
 import time
 
@@ -23,11 +25,11 @@ import torch
 
 import data
 import evaluate
-import mask_qc
-import utils
-from labels import by_patient
-from model import ARCHS, build_model, compute_loss
-from pretrained import load_pretrained
+from ctkit import mask_qc, utils
+from ctkit.labels import by_patient
+from ctkit.pretrained import load_pretrained
+from ctkit.utils import BadInput
+from model import ARCHS, Objective, build_model
 
 # fmt: off
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
@@ -36,7 +38,6 @@ TABLE4_BATCH = {("chest", "r3d"): 10, ("chest", "swin"): 6, ("chest", "mvit"): 4
                 ("abdomen", "r3d"): 5, ("abdomen", "swin"): 2, ("abdomen", "mvit"): 2}
 TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6}  # synthetic: ours
 # fmt: on
-ITERATION_FIELDS = ("epoch", "iteration", "loss", "cls_loss", "seg_loss", "grad_norm", "lr", "data_time")
 EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
 # what a resumed run must share with its checkpoint, or its steps, crops and schedule would not line up
 # fmt: off
@@ -84,24 +85,80 @@ def get_args_parser():
     return p
 
 
-def fill_defaults(args, task):
-    """Table 4's value for every setting not given; returns lines that say which is which."""
-    notes = []
-    region_model = (task.region, args.model)
-    for name, table, key in (
-        ("lr", TABLE4_LR, region_model),
-        ("batch_size", TABLE4_BATCH, region_model),
-        ("epochs", TABLE4_EPOCHS, args.dataset),
-    ):
-        given = getattr(args, name)
-        setattr(args, name, table[key] if given is None else given)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of a run, resolved once from the command line (resolve): Table 4's defaults filled in,
+    the folders and the checkpoint to resume from decided. Saved as config.json and in every checkpoint."""
+
+    dataset: str
+    model: str
+    seg: bool
+    seg_weight: float
+    seg_chunk: int
+    pretrained: str | None
+    data_path: str | None
+    prep_dir: str | None
+    skip_missing: bool
+    val_fraction: float
+    split_seed: int
+    output_dir: str
+    resume: str | None
+    test_only: bool
+    batch_size: int
+    workers: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    lr_warmup_epochs: float
+    clip_grad_norm: float
+    amp: bool
+    channels_last: bool
+    seed: int
+    device: str
+    print_freq: int
+    checkpoint_every: int
+    max_steps: int | None
+    crop: tuple | None
+    pad: tuple | None
+    synthetic_cases: tuple | None
+
+    def source(self):
+        """Where the cases come from (data.Source)."""
+        return data.Source(self.dataset, self.data_path, self.prep_dir, self.val_fraction, self.split_seed,
+                           self.skip_missing, self.synthetic_cases)  # fmt: skip
+
+
+def resolve(args, region, device):
+    """Settings from the parsed command line (never changed): Table 4's value for every setting not given, the
+    default folders, --resume without a value -> the run folder's checkpoint if any. Returns (Settings, lines
+    that say where lr, batch size and epochs come from)."""
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
+    if args.dataset != "synthetic" and not args.data_path:
+        raise BadInput(f"--dataset {args.dataset} needs --data-path (the folder holding its label files)")
+    if args.test_only and args.resume in (None, "auto") and not args.output_dir:
+        raise BadInput("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
+    notes, region_model = [], (region, args.model)
+    for name, table, key in (("lr", TABLE4_LR, region_model), ("batch_size", TABLE4_BATCH, region_model),
+                             ("epochs", TABLE4_EPOCHS, args.dataset)):  # fmt: skip
         default = "this project's synthetic default" if key == "synthetic" else "Table 4"
-        source = default if given is None else f"given; {default}: {table[key]}"
-        notes.append(f"{name} {getattr(args, name)} ({source})")
-    if args.output_dir is None:
+        source = default if given[name] is None else f"given; {default}: {table[key]}"
+        given[name] = table[key] if given[name] is None else given[name]
+        notes.append(f"{name} {given[name]} ({source})")
+    output_dir = args.output_dir
+    if output_dir is None and args.test_only:  # the predictions go beside the evaluated checkpoint
+        output_dir = os.path.dirname(os.path.abspath(args.resume))
+    if output_dir is None:
         suffix = ("_seg" if args.seg else "") + ("_pre" if args.pretrained else "")
-        args.output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{suffix}_s{args.seed}")
-    return notes
+        output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{suffix}_s{args.seed}")
+    resume = args.resume
+    if resume == "auto":  # a requeued job reruns one command: resume if there is a checkpoint
+        path = os.path.join(output_dir, "checkpoint.pth")
+        resume = path if os.path.exists(path) else None
+    if args.test_only and not resume:
+        raise BadInput(f"--test-only: no checkpoint to evaluate in {output_dir}")
+    prep_dir = args.prep_dir or (os.path.join(args.data_path, "prep") if args.data_path else None)
+    given.update(output_dir=output_dir, resume=resume, prep_dir=prep_dir, device=device)
+    return Settings(**given), notes
 
 
 def cosine_lr(iteration, total_iterations, base_lr, warmup_iterations=0):
@@ -111,28 +168,29 @@ def cosine_lr(iteration, total_iterations, base_lr, warmup_iterations=0):
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, save):
-    """One epoch, from step steps[0] of steps[1] per epoch; save(iteration) writes a mid-epoch checkpoint."""
-    model.train()
-    device, (first, per_epoch) = next(model.parameters()).device, steps
-    log_path = os.path.join(args.output_dir, "iterations.csv")
-    total = per_epoch * args.epochs
-    log = utils.StepLog(log_path, ITERATION_FIELDS, total, skip_inf_grad=scaler.is_enabled())
+def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps, save):
+    """One epoch, from step steps[0] of steps[1] per epoch; save(iteration) writes a mid-epoch checkpoint.
+    objective: model.Objective (inside DistributedDataParallel under torchrun); s: the Settings."""
+    objective.train()
+    device, (first, per_epoch) = next(objective.parameters()).device, steps
+    total = per_epoch * s.epochs
+    log_path = os.path.join(s.output_dir, "iterations.csv")
+    log = utils.StepLog(log_path, total, skip_inf_grad=scaler.is_enabled())
     t_end = time.time()
     for i, batch in enumerate(loader, start=first):
         it, data_time = epoch * per_epoch + i, time.time() - t_end
-        lr = cosine_lr(it, total, args.lr, int(args.lr_warmup_epochs * per_epoch))
+        lr = cosine_lr(it, total, s.lr, int(s.lr_warmup_epochs * per_epoch))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        torch.manual_seed(utils.step_seed(args.seed, utils.get_rank(), it))  # a resume replays dropout
+        torch.manual_seed(utils.step_seed(s.seed, utils.get_rank(), it))  # a resume replays dropout
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
-        mask = batch["mask"].to(device, non_blocking=True) if args.seg else None
-        with torch.autocast(device.type, utils.amp_dtype(device), enabled=args.amp):
-            loss, cls_loss, seg_loss = compute_loss(model, ct, labels, task.kind, mask, args.seg_weight)
+        mask = batch["mask"].to(device, non_blocking=True) if s.seg else None  # the only difference of --seg
+        with torch.autocast(device.type, utils.amp_dtype(device), enabled=s.amp):
+            loss, cls_loss, seg_loss = objective(ct, labels, mask)  # L = L_cls + seg_weight * L_seg
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients (the scaler only scales with fp16)
-        grad_norm = utils.clip_grad_norm(model.parameters(), args.clip_grad_norm)
+        grad_norm = utils.clip_grad_norm(objective.parameters(), s.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -140,8 +198,8 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
         values = torch.stack([loss.detach(), cls_loss.detach(), seg_loss.detach().float(), grad_norm])
         log.add(values, epoch=epoch, iteration=it, lr=lr, data_time=data_time)
         last = i + 1 == per_epoch
-        save_now = args.checkpoint_every and (it + 1) % args.checkpoint_every == 0 and not last
-        if len(log.pending) == args.print_freq or last or save_now:
+        save_now = s.checkpoint_every and (it + 1) % s.checkpoint_every == 0 and not last
+        if len(log.pending) == s.print_freq or last or save_now:
             log.flush()
         if save_now:
             save(it + 1)
@@ -150,155 +208,158 @@ def train_one_epoch(model, optimizer, scaler, loader, task, args, epoch, steps, 
         t_end = time.time()
 
 
-def setup_model(args, task, device):
-    """(model, optimizer, scaler, iteration, best validation AUC): new, from Kinetics-400 or from --resume."""
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, task, args.seg, args.seg_chunk)
-    if args.pretrained and not args.resume:
-        report = load_pretrained(model.backbone, args.pretrained)
+def setup_model(s, task, device):
+    """(classifier, optimizer, scaler, iteration, best validation AUC): new, from Kinetics-400 or --resume.
+    The same seed gives both arms the same backbone and classifier weights (the seg head is built last)."""
+    torch.manual_seed(s.seed)
+    model = build_model(s.model, task, s.seg)
+    if s.pretrained and not s.resume:
+        report = load_pretrained(model.backbone, s.pretrained)
         if utils.get_rank() == 0:
             print("\n".join(report))
     model.to(device)
-    if args.channels_last:  # the same model; oneDNN / cuDNN convolutions run faster in this layout
+    if s.channels_last:  # the same model; oneDNN / cuDNN convolutions run faster in this layout
         model.to(memory_format=torch.channels_last_3d)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp and utils.amp_dtype(device) == torch.float16)
-    if not args.resume:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.amp and utils.amp_dtype(device) == torch.float16)
+    if not s.resume:
         return model, optimizer, scaler, 0, -math.inf
-    settings = {key: getattr(args, key) for key in RESUME_SETTINGS}
+    settings = {key: getattr(s, key) for key in RESUME_SETTINGS}
     settings.update(world_size=utils.get_world_size(), task=task.to_dict())
-    settings = None if args.test_only else settings  # evaluation only: any checkpoint of the task will do
-    checkpoint = utils.resume(args.resume, model, optimizer, scaler, settings)
+    settings = None if s.test_only else settings  # evaluation only: any checkpoint of the task will do
+    checkpoint = utils.resume(s.resume, model, optimizer, scaler, settings)
     if utils.get_rank() == 0:
-        print(f"resumed from {args.resume} at iteration {checkpoint['iteration']}")
+        print(f"resumed from {s.resume} at iteration {checkpoint['iteration']}")
     return model, optimizer, scaler, checkpoint["iteration"], checkpoint["best_auc"]
 
 
-def prepare_folder(args, iteration):
+def prepare_folder(s, iteration):
     """A new run starts new logs and leaves no output of an earlier run; a resumed one drops the log rows
     written after its checkpoint."""
-    logs = {"iterations.csv": (ITERATION_FIELDS, lambda row: int(row["iteration"]) < iteration),
+    logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
             "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
-    utils.prepare_folder(args.output_dir, logs, (*logs, *STALE) if iteration == 0 else ())
+    utils.prepare_folder(s.output_dir, logs, (*logs, *STALE) if iteration == 0 else ())
 
 
-def validate(model, loaders, task, args, epoch, iteration, seconds):
+def validate(model, loaders, task, s, epoch, iteration, seconds):
     """Macro AUC on the validation split; without one the test split's is printed, for monitoring only."""
     name = "val" if "val" in loaders else "test"
     dataset = loaders[name].dataset
-    y_prob = evaluate.predict_split(utils.unwrap(model), loaders[name], task, args.amp)
+    y_prob = evaluate.predict_split(model, loaders[name], task, s.amp)
     scores = dict(y_true=dataset.labels, y_prob=y_prob, patients=dataset.groups, classes=task.classes)
-    if task.kind == "ratic":  # evaluated per patient, as the test split (evaluate.unit)
+    if task.kind == "ratic":  # evaluated per patient, as the test split (labels.unit)
         scores = by_patient(scores)
     rows, macro, _ = evaluate.compute_metrics(scores["y_true"], scores["y_prob"], task.classes)
     if utils.get_rank() == 0:
         aucs = "  ".join(f"{r['class']} {100 * r['auc']:.1f}" for r in rows)
         print(f"epoch {epoch} done in {seconds:.0f}s: {name} macro AUC {100 * macro['auc']:.2f}  {aucs}")
         row = dict(epoch=epoch, iteration=iteration, split=name, macro_auc=f"{macro['auc']:.6f}")
-        log = utils.CSVLog(os.path.join(args.output_dir, "epochs.csv"), EPOCH_FIELDS)
+        log = utils.CSVLog(os.path.join(s.output_dir, "epochs.csv"), EPOCH_FIELDS)
         log.append([{**row, "seconds": f"{seconds:.1f}"}])
     return macro["auc"] if name == "val" else -math.inf  # never select a checkpoint on the test set
 
 
-def prepare_run(args):
-    """Datasets, the task and Table 4's defaults; rank 0 writes config.json and prints what the run uses."""
-    if args.dataset != "synthetic" and not args.data_path:
-        sys.exit(f"--dataset {args.dataset} needs --data-path (the folder holding its label files)")
-    if args.test_only and args.resume in (None, "auto") and not args.output_dir:
-        sys.exit("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
-    if args.test_only and args.output_dir is None:  # the predictions go beside the evaluated checkpoint
-        args.output_dir = os.path.dirname(os.path.abspath(args.resume))
-    args.prep_dir = args.prep_dir or (os.path.join(args.data_path, "prep") if args.data_path else None)
-    try:
-        splits, task = data.build_datasets(args)
-    except (OSError, utils.BadInput) as error:
-        sys.exit(f"cannot build the {args.dataset} dataset: {error}")
-    notes = fill_defaults(args, task)
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.resume == "auto":  # a requeued job reruns one command: resume if there is a checkpoint
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        args.resume = path if os.path.exists(path) else None
-    if args.test_only and not args.resume:
-        sys.exit(f"--test-only: no checkpoint to evaluate in {args.output_dir}")
-    if utils.get_rank() == 0:
-        describe(args, task, splits, notes)
-    return splits, task
-
-
-def describe(args, task, splits, notes):
+def describe(s, task, splits, notes):
     """config.json (not for --test-only: the run's own stays) and the lines that say what the run uses."""
-    if not args.test_only:
-        utils.write_json(os.path.join(args.output_dir, "config.json"), {**vars(args), "task": task.to_dict()})
-    processes, seg = utils.get_world_size(), "with" if args.seg else "without"
-    print(f"{args.dataset} / {args.model} / {seg} segmentation supervision -> {args.output_dir}")
+    if not s.test_only:
+        utils.write_json(
+            os.path.join(s.output_dir, "config.json"), {**dataclasses.asdict(s), "task": task.to_dict()}
+        )
+    processes, seg = utils.get_world_size(), "with" if s.seg else "without"
+    print(f"{s.dataset} / {s.model} / {seg} segmentation supervision -> {s.output_dir}")
     print("  " + "\n  ".join(notes))
     print(f"  crop {task.crop} (D, H, W), HU window {task.window}, {len(task.classes)} classes")
-    effective = f"{processes} process(es) x batch {args.batch_size} = {processes * args.batch_size}"
+    effective = f"{processes} process(es) x batch {s.batch_size} = {processes * s.batch_size}"
     print(f"  cases: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; effective batch: {effective}")
-    if args.seg and args.data_path:  # make_masks.py's quality control of the masks this run reads
-        print("  " + mask_qc.mask_report(args.prep_dir, [c for s in splits.values() for c in s.case_ids]))
+    if s.seg and s.data_path:  # make_masks.py's quality control of the masks this run reads
+        print("  " + mask_qc.mask_report(s.prep_dir, [c for d in splits.values() for c in d.case_ids]))
 
 
-def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, args, task, resumable=True):
+def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, s, task, resumable=True):
     """Rank 0 writes one dict of tensors and plain types, the task under its own key. The best checkpoint
     keeps only the weights (a third of the size: AdamW's two moments are twice the model)."""
     if utils.get_rank() == 0:
-        state = dict(model=utils.unwrap(model).state_dict(), args=vars(args), task=task.to_dict())
+        state = dict(model=model.state_dict(), args=dataclasses.asdict(s), task=task.to_dict())
         if resumable:
             state.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict())
         state.update(iteration=iteration, best_auc=best_auc, world_size=utils.get_world_size())
-        utils.save_checkpoint(os.path.join(args.output_dir, name), state)
+        utils.save_checkpoint(os.path.join(s.output_dir, name), state)
+
+
+def prepare_run(args, device):
+    """(Settings, Task, {split: dataset}); rank 0 writes config.json and prints what the run uses."""
+    task = data.make_task(args.dataset, args.crop, args.pad)
+    s, notes = resolve(args, task.region, device)
+    try:
+        splits = data.build_datasets(task, s.source(), s.seed, with_mask=s.seg)
+    except (OSError, BadInput) as error:
+        raise BadInput(f"cannot build the {s.dataset} dataset: {error}") from None
+    os.makedirs(s.output_dir, exist_ok=True)
+    if utils.get_rank() == 0:
+        describe(s, task, splits, notes)
+    return s, task, splits
+
+
+def loaders_for(splits, s):
+    """(training loader, {"val"/"test": evaluation loader}) of the splits there are."""
+    options = dict(
+        batch_size=s.batch_size, workers=s.workers, seed=s.seed, pin_memory=s.device.startswith("cuda")
+    )
+    evaluation = {k: data.make_loader(splits[k], False, **options) for k in ("val", "test") if k in splits}
+    return data.make_loader(splits["train"], True, **options), evaluation
 
 
 def main(args):
-    rank, world_size, args.device = utils.init_distributed(args.device)
-    splits, task = prepare_run(args)
+    rank, world_size, device = utils.init_distributed(args.device)
+    s, task, splits = prepare_run(args, device)
     try:
-        model, optimizer, scaler, iteration, best_auc = setup_model(args, task, torch.device(args.device))
+        model, optimizer, scaler, iteration, best_auc = setup_model(s, task, torch.device(device))
     except (OSError, ValueError, RuntimeError) as error:
-        sys.exit(f"cannot set up the model: {error}")
+        raise BadInput(f"cannot set up the model: {error}") from None
+    objective = Objective(model, task.kind, s.seg_weight, s.seg_chunk)  # the loss; `model` is what is saved
     if world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, utils.device_ids(args.device))
-    train_loader, loaders = data.make_loaders(splits, args)
-    per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
+        objective = torch.nn.parallel.DistributedDataParallel(objective, utils.device_ids(device))
+    train_loader, loaders = loaders_for(splits, s)
+    per_epoch = min(len(train_loader), s.max_steps or len(train_loader))
     if per_epoch == 0:
-        sys.exit(
-            f"the training set ({len(splits['train'])} cases) is smaller than a batch of {args.batch_size}"
+        raise BadInput(
+            f"the training set ({len(splits['train'])} cases) is smaller than a batch of {s.batch_size}"
         )
-    if rank == 0 and not args.test_only:
-        prepare_folder(args, iteration)
-    save = functools.partial(
-        save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, args=args, task=task
-    )
+    if rank == 0 and not s.test_only:
+        prepare_folder(s, iteration)
+    save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, s=s, task=task)
     mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
     (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None
-    for epoch in range(start_epoch, start_epoch if args.test_only else args.epochs):
+    for epoch in range(start_epoch, start_epoch if s.test_only else s.epochs):
         train_loader.sampler.set_epoch(epoch, skip=first_step)
         t0 = time.time()
-        steps = (first_step, per_epoch)
-        train_one_epoch(model, optimizer, scaler, train_loader, task, args, epoch, steps, mid_epoch)
+        train_one_epoch(
+            objective, optimizer, scaler, train_loader, task, s, epoch, (first_step, per_epoch), mid_epoch
+        )
         first_step, iteration = 0, (epoch + 1) * per_epoch
-        auc = validate(model, loaders, task, args, epoch, iteration, time.time() - t0)
+        auc = validate(model, loaders, task, s, epoch, iteration, time.time() - t0)
         if auc > best_auc:  # every process computed the same AUC: each keeps the best weights in memory
             best_auc, best_state = auc, utils.cpu_state(model)
             save("checkpoint_best.pth", iteration, best_auc, resumable=False)
         save("checkpoint.pth", iteration, best_auc)
-    if "val" in loaders and not args.test_only:  # with a validation split, test the best on it
-        best_state = best_state or utils.saved_weights(os.path.join(args.output_dir, "checkpoint_best.pth"))
+    if "val" in loaders and not s.test_only:  # with a validation split, test the best on it
+        best_state = best_state or utils.saved_weights(os.path.join(s.output_dir, "checkpoint_best.pth"))
         if best_state is not None:
-            utils.unwrap(model).load_state_dict(best_state)
-    bound = args.dataset == "synthetic"  # the per-case bound of the learning report: phantoms only (cost)
-    outputs = dict(seg=args.seg, amp=args.amp, train_set=splits["train"], bound=bound)
-    evaluate.write_outputs(utils.unwrap(model), loaders, task, args.output_dir, **outputs)
+            model.load_state_dict(best_state)
+    bound = s.dataset == "synthetic"  # the per-case bound of the learning report: phantoms only (cost)
+    evaluate.write_outputs(model, loaders, task, s.output_dir, s.seg, s.amp, splits["train"], bound)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
 
+def cli(argv=None):
+    """The command line: input the run cannot use (or a non-finite loss) ends in one line, exit status 1."""
+    try:
+        main(get_args_parser().parse_args(argv))
+    except (utils.NonFiniteLoss, BadInput) as error:  # from a DataLoader worker too (utils.one_line)
+        raise SystemExit("stopped: " + utils.one_line(error)) from None
+
+
 if __name__ == "__main__":
     sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in a log file
-    args = get_args_parser().parse_args()
-    try:
-        main(args)
-    except (utils.NonFiniteLoss, utils.BadInput) as error:  # from a DataLoader worker, it ends the traceback
-        last_line = str(error).strip().splitlines()[-1]
-        sys.exit("stopped: " + re.sub(r"^[\w.]*(BadInput|NonFiniteLoss): ", "", last_line))
+    cli()

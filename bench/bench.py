@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import ct_io  # noqa: E402
 import data  # noqa: E402
 import train  # noqa: E402
-from model import ARCHS, build_model, compute_loss  # noqa: E402
+from ctkit import ct_io  # noqa: E402
+from ctkit.regions import REGIONS  # noqa: E402
+from model import ARCHS, Objective, build_model  # noqa: E402
 
 
 def timed(fn):
@@ -96,13 +97,13 @@ def bench_data_path(repeats, n_cases=8):
     the same with every map opened anew (a dataset much larger than the open-map cache), the previous slab
     reader, copying the same windows out of volumes held in RAM, a contiguous memcpy of as many bytes, and
     CT-CLIP's path. Every side cycles through `n_cases` different volumes."""
-    region = data.REGIONS["chest"]
+    region = REGIONS["chest"]
     pad, crop = region["pad"], region["crop"]
     with tempfile.TemporaryDirectory() as folder:
         cases = [f"case{i}" for i in range(n_cases)]
         for i, case in enumerate(cases):
             write_case(folder, case=case, seed=i)
-        volumes = data.StoredVolumes(folder, cases, with_mask=True)
+        volumes = data.StoredVolumes(folder, cases, ("ct", "mask"), read_mask=True)
         labels = np.zeros((n_cases, 18))
         dataset = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True)
         slab = data.CTDataset(cases, SlabVolumes(volumes), labels, pad, crop, train=True, with_mask=True)
@@ -158,10 +159,10 @@ def bench_data_path(repeats, n_cases=8):
             "naive_over_ours": t_naive / t_ours}  # fmt: skip
 
 
-def train_step(model, optimizer, x, labels, mask):
-    loss, _, _ = compute_loss(model, x, labels, "multilabel", mask)
+def train_step(objective, optimizer, x, labels, mask):
+    loss, _, _ = objective(x, labels, mask)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    torch.nn.utils.clip_grad_norm_(objective.parameters(), 5.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -177,12 +178,13 @@ def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
         plain = build_model(arch, task).train()
         seg = build_model(arch, task, seg=True).train()
         seg.load_state_dict(plain.state_dict(), strict=False)  # same backbone and head weights
-        chunked = build_model(arch, task, seg=True, seg_chunk=8).train()
+        chunked = build_model(arch, task, seg=True).train()
         chunked.load_state_dict(seg.state_dict())
+        objectives = [Objective(m, task.kind, seg_chunk=c) for m, c in ((plain, 0), (seg, 0), (chunked, 8))]
         optimizers = [torch.optim.AdamW(m.parameters(), 1e-5) for m in (plain, seg, chunked)]
         steps = [
-            partial(train_step, m, o, x, labels, mask if m.seg_head is not None else None)
-            for m, o in zip((plain, seg, chunked), optimizers)
+            partial(train_step, f, o, x, labels, mask if f.classifier.seg_head is not None else None)
+            for f, o in zip(objectives, optimizers)
         ]
         t_plain, t_seg, t_chunked = interleaved(steps, repeats)
         plain.eval(), seg.eval()
@@ -198,9 +200,10 @@ def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
     return results
 
 
-def step_stats(model, device, batch, crop, seg, steps, structures=6):
+def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0):
     """(samples/s, peak GiB) of bf16 training steps of `model`, median of `steps` after 2 warm-up steps."""
     model = model.to(device).train()
+    objective = Objective(model, "multilabel", seg_chunk=seg_chunk)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
     ct = torch.randint(-1000, 1000, (batch, 1, *crop), dtype=torch.int16, device=device)
     labels = torch.randint(0, 2, (batch, model.head.out_features), device=device).float()
@@ -212,7 +215,7 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6):
     for _ in range(steps + 2):
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16):
-            train_step(model, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
+            train_step(objective, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -223,7 +226,7 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6):
 def bench_gpu(steps, device, archs, tiny=False, chunk=8):
     """Samples/s and peak memory per model w/o seg, w/ seg and w/ seg + --seg-chunk, Table 4's batch sizes,
     chest crop, bf16; then R3D-18's seg head over all 117 TotalSegmentator classes (118 with background)."""
-    crop = (16, 32, 32) if tiny else data.REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
+    crop = (16, 32, 32) if tiny else REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     cuda = torch.version.cuda if device == "cuda" else "-"
     print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, bf16 autocast")
@@ -234,8 +237,8 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
         rows = {}
         for label, seg, seg_chunk in (("w/o", False, 0), ("w/", True, 0), (f"w/ chunk {chunk}", True, chunk)):
             torch.manual_seed(0)
-            model = build_model(arch, task, seg, seg_chunk)
-            rows[label] = step_stats(model, device, batch, crop, seg, steps)
+            model = build_model(arch, task, seg)
+            rows[label] = step_stats(model, device, batch, crop, seg, steps, seg_chunk=seg_chunk)
             print(f"  {arch:6s} {batch:5d} {label:>12s} {rows[label][0]:10.2f} {rows[label][1]:9.2f}")
             del model
         for label in ("w/", f"w/ chunk {chunk}"):
@@ -246,9 +249,9 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
     batch = 2 if tiny else train.TABLE4_BATCH[("chest", "r3d")]
     for label, seg_chunk in (("117 classes", 0), (f"117, chunk {chunk}", chunk)):
         torch.manual_seed(0)
-        model = build_model("r3d", all_classes, True, seg_chunk)
+        model = build_model("r3d", all_classes, True)
         try:
-            rows = step_stats(model, device, batch, crop, True, steps, structures=117)
+            rows = step_stats(model, device, batch, crop, True, steps, structures=117, seg_chunk=seg_chunk)
             print(f"  {'r3d':6s} {batch:5d} {label:>12s} {rows[0]:10.2f} {rows[1]:9.2f}")
             results[f"r3d {label}"] = rows
         except torch.cuda.OutOfMemoryError:
@@ -259,7 +262,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
 
 def bench_data_wait(device, steps, workers, tiny=False):
     """Fraction of a training step spent waiting for the next batch, real DataLoader over stored volumes."""
-    region = data.REGIONS["chest"]
+    region = REGIONS["chest"]
     crop, pad = ((32, 48, 48), (40, 60, 60)) if tiny else (region["crop"], region["pad"])
     batch = 2 if tiny else train.TABLE4_BATCH[("chest", "r3d")]
     with tempfile.TemporaryDirectory() as folder:
@@ -268,7 +271,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
         for case in cases:
             for sub in ("ct", "mask"):
                 os.link(os.path.join(folder, sub, "case.nii"), os.path.join(folder, sub, f"{case}.nii"))
-        volumes = data.StoredVolumes(folder, cases, True)
+        volumes = data.StoredVolumes(folder, cases, ("ct", "mask"), read_mask=True)
         dataset = data.CTDataset(cases, volumes, np.zeros((8, 18)), pad, crop, train=True, with_mask=True)
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (steps + 2))
         loader = torch.utils.data.DataLoader(
@@ -280,7 +283,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
             persistent_workers=workers > 0,
         )
         model = build_model("r3d", data.make_task("ctrate", crop), seg=True).to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
+        objective, optimizer = Objective(model, "multilabel"), torch.optim.AdamW(model.parameters(), 1e-5)
         wait = total = 0.0
         start = time.perf_counter()
         for step, sample in enumerate(loader):
@@ -288,7 +291,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
             ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
             with torch.autocast(device, dtype=torch.bfloat16):
                 labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
-                train_step(model, optimizer, ct, labels, mask)
+                train_step(objective, optimizer, ct, labels, mask)
             if device == "cuda":
                 torch.cuda.synchronize()
             if step >= 2:

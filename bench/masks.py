@@ -24,9 +24,8 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-import ct_io  # noqa: E402
 import make_masks  # noqa: E402
-import totalseg  # noqa: E402
+from ctkit import ct_io, totalseg  # noqa: E402
 
 SHAPE, ZOOMS = (488, 404, 224), (0.75, 0.75, 1.5)
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example" / "example_ct.nii.gz"

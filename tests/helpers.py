@@ -6,18 +6,18 @@ import subprocess
 from pathlib import Path
 
 import make_masks
-import synthetic
 import train
+from ctkit import synthetic
 
 
 def make_masks_cli(*args):
     """make_masks.py with these command-line arguments (paths may be Path objects)."""
-    make_masks.main(make_masks.get_args_parser().parse_args([str(a) for a in args]))
+    make_masks.cli([str(a) for a in args])
 
 
 def train_cli(*args):
-    """train.py with these command-line arguments, in this process."""
-    train.main(train.get_args_parser().parse_args([str(a) for a in args]))
+    """train.py with these command-line arguments, in this process (errors end as the script's one line)."""
+    train.cli([str(a) for a in args])
 
 
 def prepared_synthetic(root, train=4, val=2, test=2):

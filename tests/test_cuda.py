@@ -43,9 +43,10 @@ def test_objective_under_bf16_autocast_matches_fp32(arch):
     net = M.build_model(arch, task, seg=True).to(DEVICE).eval()  # eval: no dropout / stochastic depth
     x, labels, mask = small_batch(task)
     with torch.no_grad():
-        fp32 = M.compute_loss(net, x, labels, task.kind, mask)
+        objective = M.Objective(net, task.kind)
+        fp32 = objective(x, labels, mask)
         with torch.autocast(DEVICE, torch.bfloat16):
-            bf16 = M.compute_loss(net, x, labels, task.kind, mask)
+            bf16 = objective(x, labels, mask)
     for a, b in zip(fp32, bf16):
         assert b.dtype == torch.float32  # both losses are computed in fp32 from bf16 logits
         assert torch.isfinite(b) and abs(float(a) - float(b)) <= BF16_REL * abs(float(a)), (a, b)

@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-import ct_io
-import labels
 import model
-import synthetic
+from ctkit import ct_io, labels, synthetic
 from helpers import make_masks_cli, train_cli
 
 TS_IDS = {1: 10, 2: 11, 3: 12, 4: 13, 5: 14, 6: 51}  # chest label -> TotalSegmentator 'total' id

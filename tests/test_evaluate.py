@@ -9,12 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import compare
 import evaluate
-import labels
 import predict
-import train
-import utils
+from ctkit import compare, labels, utils
 from helpers import prepared_synthetic, train_cli
 
 
@@ -101,9 +98,9 @@ def fake_run(folder, model, seg, seed, y, p):
     evaluate.write_predictions(
         folder / "predictions_test.csv", [f"c{i}" for i in range(len(y))], y, p, ["cardiomegaly", "emphysema"]
     )
-    log = utils.CSVLog(folder / "iterations.csv", train.ITERATION_FIELDS)
+    log = utils.CSVLog(folder / "iterations.csv", utils.StepLog.FIELDS)
     values = [[0, i, 1 / (i + 1) + seg, 1 / (i + 1), int(seg), 2 + np.sin(i), 1e-4, 0.01] for i in range(30)]
-    log.append([dict(zip(train.ITERATION_FIELDS, row)) for row in values])
+    log.append([dict(zip(utils.StepLog.FIELDS, row)) for row in values])
     sharpness = {"lambda_max": 10.0 + 2 * seg + seed, "increase_0.02": 0.01, "increase_0.05": 0.05 + seed}
     (folder / "sharpness.json").write_text(json.dumps(sharpness))
 

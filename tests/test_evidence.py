@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import data
-import evidence
 import model as M
+from ctkit import evidence
 
 CROP = (16, 32, 32)  # every backbone: a (1, 2, 2) feature map
 

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import data
 import evaluate
-import learning_report as lr
+from ctkit import learning_report as lr
 from helpers import train_cli
 
 STRUCTURES = ("a", "b")  # labels 1, 2; 0 is background
@@ -38,7 +38,7 @@ def masks_of(n, shape=(4, 6, 6), seed=0):
 
 def test_full_resolution_floor_is_the_smoothed_label_frequency():
     train, test = masks_of(2, seed=1), masks_of(1, seed=2)
-    maps, n = lr.floors(dataset_of(train), (2, 3, 3), 3)
+    maps, n = lr.floors(data.centre_masks(dataset_of(train)), (2, 3, 3), 3)
     assert n == 2
     counts = np.stack([sum((m == c).astype(float) for m in train) for c in range(3)])
     expected_log_p = np.log((counts + lr.SMOOTHING) / (2 + 3 * lr.SMOOTHING))
@@ -78,7 +78,7 @@ class FixedMapHead(nn.Module):
 def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     train_set, test_set = dataset_of(masks_of(12, seed=3)), dataset_of(masks_of(5, seed=4))
     grid = (2, 3, 3)
-    counts = lr.label_counts(lr.centre_masks(train_set), 3)
+    counts = lr.label_counts(data.centre_masks(train_set), 3)
     grid_logits = lr.fit_grid_logits(counts[None], grid)[0]
     head = FixedMapHead(grid_logits)
     task = data.Task(
@@ -86,8 +86,10 @@ def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     )
     loader = torch.utils.data.DataLoader(test_set, 2, collate_fn=test_set.collate)
     ce, dice_counts = evaluate.seg_split(head, loader, task)
-    report = lr.learning_report((float(ce.sum()), dice_counts), lr.floors(train_set, grid, 3), test_set,
-                                grid, STRUCTURES, bound=True)  # fmt: skip
+    floors, test_masks = lr.floors(data.centre_masks(train_set), grid, 3), list(data.centre_masks(test_set))
+    report = lr.learning_report(
+        (float(ce.sum()), dice_counts), floors, test_masks, grid, STRUCTURES, bound=True
+    )
     rows = report["rows"]
     head_row, floor = rows["seg head"], rows["average anatomy, head's grid"]
     assert math.isclose(head_row["ce"], floor["ce"], rel_tol=1e-5)

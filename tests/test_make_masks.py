@@ -17,11 +17,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import ct_io
-import data
 import make_masks
-import mask_qc
-import synthetic
+from ctkit import ct_io, mask_qc, prep, synthetic
+from ctkit.regions import REGIONS
 from helpers import EXAMPLE, make_masks_cli, train_cli
 from totalseg_standin import make_standin
 
@@ -31,7 +29,7 @@ pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator e
 # example_seg_fast.nii.gz, from its README: liver 39350, spleen 9630, kidney_left 3676, kidney_right 3996,
 # bowel = stomach 4748 + duodenum 1018 + small_bowel 991 + colon 12772 + esophagus 0
 REFERENCE_COUNTS = {1: 39350, 2: 9630, 3: 3676, 4: 3996, 5: 4748 + 1018 + 991 + 12772}
-STAMP = data.mask_stamp("abdomen")
+STAMP = prep.mask_stamp("abdomen")
 
 
 def run(src, dst, region="abdomen", *extra):
@@ -59,9 +57,9 @@ def run_example(example_case, out="out", *extra):
 
 def test_merged_labels_equal_reference_class_sums():
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_fast.nii.gz").dataobj)
-    counts = np.bincount(make_masks.label_lut("abdomen")[seg].ravel(), minlength=6)
+    counts = np.bincount(prep.label_lut("abdomen")[seg].ravel(), minlength=6)
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == REFERENCE_COUNTS
-    chest = make_masks.label_lut("chest")[seg]  # lung bases only: 265 LUL... and no heart in this volume
+    chest = prep.label_lut("chest")[seg]  # lung bases only: 265 LUL... and no heart in this volume
     assert np.count_nonzero(chest == 1) == 265 and np.count_nonzero(chest == 2) == 1254
     assert np.count_nonzero(chest == 5) == 2579 and np.count_nonzero(chest == 6) == 0
 
@@ -77,7 +75,7 @@ def test_from_totalseg_on_the_example(example_case):
     np.testing.assert_array_equal(ct[::2, ::2], np.clip(source.get_fdata(), -1000, 1000))
     counts = np.bincount(mask.ravel(), minlength=6)
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == {k: 4 * v for k, v in REFERENCE_COUNTS.items()}
-    assert ct_io.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
+    assert prep.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
 
 
 def test_quality_control_summary_and_preview(example_case):
@@ -85,7 +83,7 @@ def test_quality_control_summary_and_preview(example_case):
     with open(example_case / "out" / "masks_summary.csv") as f:
         (row,) = list(csv.DictReader(f))
     # 3 x 3 x 3 mm voxels of the reference map, each resampled into four 1.5 x 1.5 x 3 mm ones
-    for label, structure in enumerate(data.REGIONS["abdomen"]["structures"], start=1):
+    for label, structure in enumerate(REGIONS["abdomen"]["structures"], start=1):
         assert float(row[f"{structure}_ml"]) == pytest.approx(REFERENCE_COUNTS[label] * 27 / 1000, abs=0.01)
     assert row["missing"] == "" and row["tiny"] == ""
     assert float(row["extent_z_mm"]) == 30 * 3.0 and float(row["extent_x_mm"]) == 243 * 1.5
@@ -128,7 +126,7 @@ def test_dicom_through_make_masks_with_existing_totalseg(tmp_path):
     ct, mask, affine, _ = stored(tmp_path / "out", "patient7_series3")
     assert ct.shape == mask.shape and np.allclose(np.diag(affine)[:3], [1.5, 1.5, 3.0])
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_dicom.nii.gz").dataobj)
-    before = np.bincount(make_masks.label_lut("abdomen")[seg].ravel(), minlength=6)[1:]
+    before = np.bincount(prep.label_lut("abdomen")[seg].ravel(), minlength=6)[1:]
     after = np.bincount(mask.ravel(), minlength=6)[1:]
     volume_ratio = (0.9765625**2 * 2.0) / (1.5 * 1.5 * 3.0)  # voxel volume before / after
     for b, a in zip(before, after):  # same organ volumes in mm^3, up to nearest-neighbour sampling
@@ -247,7 +245,7 @@ def test_inputs_are_searched_without_the_maps_and_with_exclusions(example_case):
     root = example_case / "src"
     shutil.move(example_case / "ts", root / "segmentations")  # the maps under --src
     run(root, example_case / "out", "abdomen", "--from-totalseg", root / "segmentations")
-    assert make_masks.is_done(example_case / "out", "example", STAMP)
+    assert prep.is_done(example_case / "out", "example", "abdomen")
     (root / "other_maps").mkdir()
     shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", root / "other_maps" / "example.nii.gz")
     with pytest.raises(SystemExit, match=r"two inputs give case id example: .* --exclude 'other_maps/\*'"):
@@ -261,7 +259,7 @@ def test_inputs_are_searched_without_the_maps_and_with_exclusions(example_case):
         "--exclude",
         "other_maps/*",
     )
-    assert make_masks.is_done(example_case / "out2", "example", STAMP)
+    assert prep.is_done(example_case / "out2", "example", "abdomen")
 
 
 def test_one_prep_folder_holds_one_region(example_case):
@@ -306,7 +304,7 @@ def test_corrupt_input_is_reported_and_others_finish(example_case):
     (example_case / "src" / "broken.nii.gz").write_bytes(payload[: len(payload) // 2])  # truncated gzip
     with pytest.raises(SystemExit, match=r"1 of 3 case\(s\) failed:\n.*broken\.nii\.gz"):
         run_example(example_case)
-    assert all(make_masks.is_done(example_case / "out", c, STAMP) for c in ("example", "second"))
+    assert all(prep.is_done(example_case / "out", c, "abdomen") for c in ("example", "second"))
     assert not (example_case / "out" / "ct" / "broken.nii").exists()
     summary = (example_case / "out" / "masks_summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2  # header, the two finished cases
@@ -339,7 +337,7 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
     (out / "ct" / ".case0.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     for case in [f"case{i}" for i in range(8)] + ["example"]:
-        assert make_masks.is_done(out, case, STAMP)
+        assert prep.is_done(out, case, "abdomen")
         np.testing.assert_array_equal(stored(out, case)[1], stored(out, "case0")[1])
         assert json.loads((out / "qc" / f"{case}.json").read_text())["case_id"] == case
     assert {

@@ -4,9 +4,9 @@ configuration with random weights stand in for the published files."""
 import pytest
 import torch
 
+from ctkit.pretrained import REPLACED, load_pretrained, resize_bias_table, resize_rel_pos
 from helpers import train_cli
 from model import ARCHS, CTClassifier, torchvision_model
-from pretrained import REPLACED, load_pretrained, resize_bias_table, resize_rel_pos
 
 CHEST, ABDOMEN, SMALL = (96, 192, 192), (160, 192, 176), (32, 48, 48)
 

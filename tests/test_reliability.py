@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-import ct_io
 import data
 import model
-import synthetic
-import train
-import utils
+from ctkit import ct_io, synthetic, utils
+from ctkit import prep as prep_folder
+from ctkit.ct_io import AIR_HU
 from helpers import EXAMPLE, make_masks_cli, prepared_synthetic, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +29,7 @@ def run_train(out, *extra):
     return (out / "predictions_test.csv").read_text()
 
 
-def log_rows(path, fields=train.ITERATION_FIELDS[:-1]):
+def log_rows(path, fields=utils.StepLog.FIELDS[:-1]):
     """The logged values of each step, without the wall-clock data wait."""
     with open(path) as f:
         return [[row[k] for k in fields] for row in csv.DictReader(f)]
@@ -99,7 +98,7 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
     mask = nib.load(mask_path)
     labels = np.asarray(mask.dataobj).copy()
     labels[labels == 6] = 9  # a mask made with another label scheme
-    ct_io.save_nifti(labels, mask.affine, mask_path, data.mask_stamp("chest"))
+    ct_io.save_nifti(labels, mask.affine, mask_path, prep_folder.mask_stamp("chest"))
     short = "--seg -b 2 -j 1 --epochs 1".split()
     command = [
         sys.executable,
@@ -118,9 +117,9 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
 
 
 def build(root, seg=True):
-    args = train.get_args_parser().parse_args(["--data-path", str(root), *(["--seg"] if seg else [])])
-    args.prep_dir = str(root / "prep")
-    return data.build_datasets(args)
+    """The datasets of phantoms written to `root` and prepared into root/prep, with or without masks."""
+    source = data.Source("synthetic", str(root), str(root / "prep"))
+    return data.build_datasets(data.make_task("synthetic"), source, seed=0, with_mask=seg)
 
 
 def test_wrong_dtype_and_affine_mismatch_name_the_file(prep):
@@ -142,7 +141,7 @@ def test_torn_or_compressed_volumes_are_refused(prep):
     with pytest.raises(data.BadInput, match=f"{ct_path}: file is shorter than its header says"):
         build(prep)
     with pytest.raises(data.BadInput, match="expected an uncompressed .nii"):
-        ct_io.nifti_layout(prep / "ct" / "synthetic_test_0001.nii.gz")
+        prep_folder.nifti_layout(prep / "ct" / "synthetic_test_0001.nii.gz")
 
 
 def test_volume_smaller_than_the_crop_is_padded():
@@ -151,7 +150,7 @@ def test_volume_smaller_than_the_crop_is_padded():
                              with_mask=True, max_label=6)  # fmt: skip
     sample = dataset[0]
     assert sample["ct"].shape == (1, 32, 48, 48) and sample["mask"].shape == (32, 48, 48)
-    assert (sample["ct"] == data.AIR_HU).sum() == 32 * 48 * 48 - ct.size + (ct == data.AIR_HU).sum()
+    assert (sample["ct"] == AIR_HU).sum() == 32 * 48 * 48 - ct.size + (ct == AIR_HU).sum()
     assert sample["mask"].sum() == mask.sum()
 
 

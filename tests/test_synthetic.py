@@ -6,8 +6,8 @@ import hashlib
 import numpy as np
 
 import data
-import synthetic
 import train
+from ctkit import synthetic
 
 LOBE_OF = {k + 1: lobe for k, (_, lobe) in enumerate(synthetic.LOCALISED)}
 
@@ -65,7 +65,9 @@ def test_parallel_phantoms_equal_serial_ones(monkeypatch):
 
 def test_train_crop_sizes_the_phantoms():
     args = train.get_args_parser().parse_args("--crop 48 72 72 --synthetic-cases 2 2 2".split())
-    splits, task = data.build_datasets(args)
+    task = data.make_task(args.dataset, args.crop, args.pad)
+    settings, _ = train.resolve(args, task.region, "cpu")
+    splits = data.build_datasets(task, settings.source(), settings.seed, with_mask=True)
     assert task.pad == (60, 90, 90)
     for dataset in splits.values():
         for ct, mask in dataset.volumes:

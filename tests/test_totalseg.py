@@ -9,13 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import ct_io
-import data
-import totalseg
+from ctkit import ct_io, prep, totalseg
 from helpers import EXAMPLE, make_masks_cli
 from totalseg_standin import make_standin
 
-STAMP = data.mask_stamp("abdomen")
+STAMP = prep.mask_stamp("abdomen")
 pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator example data not found")
 
 
@@ -78,4 +76,4 @@ def test_make_masks_engines_write_identical_masks(standin, tmp_path):
             for engine in ("predictor", "totalsegmentator")
         ]
         np.testing.assert_array_equal(np.asanyarray(masks[0].dataobj), np.asanyarray(masks[1].dataobj))
-        assert ct_io.nifti_layout(tmp_path / "predictor" / "mask" / f"{case}.nii")["description"] == STAMP
+        assert prep.nifti_layout(tmp_path / "predictor" / "mask" / f"{case}.nii")["description"] == STAMP

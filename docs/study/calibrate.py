@@ -15,9 +15,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
-import synthetic  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
+from ctkit import synthetic, utils  # noqa: E402
 
 LOCALISED = ("nodule_right_upper_lobe", "nodule_left_lower_lobe")
 GLOBAL = ("cardiomegaly", "pleural_effusion", "emphysema")
@@ -43,7 +42,7 @@ def run_level(name, nodules, epochs, out):
     folder = out / name
     if not (folder / "predictions_val.csv").exists():
         args = ["--seed", "100", "--synthetic-cases", "320", "200", "200", "--epochs", str(epochs)]
-        train.main(train.get_args_parser().parse_args([*args, "--output-dir", str(folder)]))
+        train.cli([*args, "--output-dir", str(folder)])
     for unread in ("predictions_test.csv", "metrics_test.csv", "metrics_test.json"):
         (folder / unread).unlink(missing_ok=True)  # the rule never looks at the test split
     val = evaluate.read_predictions(str(folder / "predictions_val.csv"))

@@ -23,12 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import evidence  # noqa: E402
-import synthetic  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
-from ct_io import AIR_HU  # noqa: E402
-from labels import read_predictions  # noqa: E402
+from ctkit import evidence, synthetic, utils  # noqa: E402
+from ctkit.ct_io import AIR_HU  # noqa: E402
+from ctkit.labels import read_predictions  # noqa: E402
 from model import build_model  # noqa: E402
 
 OUT = ROOT / "runs" / "study64"  # --out
@@ -57,7 +55,7 @@ def train_run(folder, extra, level):
         return
     argv = [*GEOMETRY, *extra, "--epochs", str(epochs), "--output-dir", str(folder), "--resume", *SMOKE]
     print("train.py " + " ".join(argv), flush=True)
-    train.main(train.get_args_parser().parse_args(argv))
+    train.cli(argv)
 
 
 def check(level):

@@ -9,9 +9,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 import sharpness  # noqa: E402
-import utils  # noqa: E402
+from ctkit import utils  # noqa: E402
 from model import build_model  # noqa: E402
 
 

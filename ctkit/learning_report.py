@@ -16,23 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
-
 SMOOTHING = 0.5  # added to every label count of the average anatomy: no voxel gets probability 0
 MAX_TRAIN_MASKS = 1000  # the floors' training masks (evenly spaced over the split beyond this)
 BOUND_BATCH = 8  # evaluated masks fitted together for the per-case bound
 BOUND_CASES = 40  # the per-case bound on this many evaluated cases (evenly spaced): ~5 s each at 64x96x96
 FIT_STRIDE = 2  # the grid maps are fitted on every 2nd voxel per axis (100x faster), scored on all
-
-
-def centre_masks(dataset, limit=None):
-    """The centre-crop masks (D, H, W) uint8 of a CTDataset's cases, evenly spaced if more than `limit`."""
-    n = len(dataset.case_ids)
-    picks = range(n) if not limit or n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
-    for i in picks:
-        mask = dataset.volumes[i][1]
-        starts = data.window_start(mask.shape, dataset.pad_size, dataset.crop_size)
-        yield np.asarray(data.read_window(mask, starts, dataset.crop_size, 0))
 
 
 def label_counts(masks, num_labels):
@@ -132,10 +120,11 @@ def per_case_bound_row(masks, grid, structures, device="cpu"):
     return summarise(ce, voxels, counts, structures)
 
 
-def floors(train_set, grid, num_labels, device="cpu"):
-    """The two floors' full-resolution log-probabilities (S, D, H, W) from train_set's centre-crop masks:
-    {"average anatomy, full resolution": ..., "average anatomy, head's grid": ...}, and the masks counted."""
-    counts = label_counts(centre_masks(train_set, MAX_TRAIN_MASKS), num_labels)
+def floors(train_masks, grid, num_labels, device="cpu"):
+    """The two floors' full-resolution log-probabilities (S, D, H, W) from the training split's centre-crop
+    masks (an iterable of (D, H, W), at most MAX_TRAIN_MASKS of them): {"average anatomy, full resolution":
+    ..., "average anatomy, head's grid": ...}, and the masks counted."""
+    counts = label_counts(train_masks, num_labels)
     n_train = int(round(counts[:, 0, 0, 0].sum()))
     average = np.log((counts + SMOOTHING) / (n_train + SMOOTHING * num_labels))
     grid_logits = fit_grid_logits(counts[None], grid, device=device)[0]
@@ -147,11 +136,11 @@ def floors(train_set, grid, num_labels, device="cpu"):
     return maps, n_train
 
 
-def learning_report(head, floor_maps, eval_set, grid, structures, bound=False, device="cpu"):
+def learning_report(head, floor_maps, masks, grid, structures, bound=False, device="cpu"):
     """The report of one evaluated split. head: (CE summed over voxels, Dice counts (N, S, 3)) of the seg
-    head on eval_set's centre crops; floor_maps: floors(); grid: the head's (d, h, w). A JSON-ready dict."""
+    head on the split's centre crops, whose masks are `masks` (a list of (D, H, W)); floor_maps: floors();
+    grid: the head's (d, h, w). A JSON-ready dict."""
     maps, n_train = floor_maps
-    masks = list(centre_masks(eval_set))
     voxels = sum(m.size for m in masks)
     rows = {"seg head": summarise(head[0], voxels, head[1], structures)}
     rows.update({name: fixed_map_row(log_probs, masks, structures) for name, log_probs in maps.items()})

@@ -1,6 +1,7 @@
 """Plumbing shared by the scripts: atomic writes, torchrun setup, safe checkpoints and CSV logs.
 
-Nothing here is part of the method; it is kept out of the scripts so that they read as the paper does.
+Nothing here is part of the method; it is kept out of the scripts so that they read as the paper does. A leaf:
+it imports nothing of the project.
 """
 
 import contextlib
@@ -10,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -43,6 +45,18 @@ def read_json(path):
 def write_json(path, obj):
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def read_csv(path, columns):
+    """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BadInput(f"{path}: missing column(s) {missing}")
+        return list(reader)
 
 
 def write_csv(path, header, rows):
@@ -99,10 +113,11 @@ class StepLog:
     and the last one printed."""
 
     VALUES = ("loss", "cls_loss", "seg_loss", "grad_norm")
+    FIELDS = ("epoch", "iteration", *VALUES, "lr", "data_time")  # iterations.csv, what Figure 3 plots
 
-    def __init__(self, path, fields, total_steps, skip_inf_grad=False):
+    def __init__(self, path, total_steps, skip_inf_grad=False):
         self.log, self.total, self.skip_inf_grad, self.pending = (
-            CSVLog(path, fields),
+            CSVLog(path, self.FIELDS),
             total_steps,
             skip_inf_grad,
             [],
@@ -255,8 +270,9 @@ def check_resumable(checkpoint, current, path):
     """A run resumes only with the settings it was trained with (else its steps and crops would not line up);
     `current`: {setting: value now}, compared with the checkpoint's args, world size and task."""
     saved = {**checkpoint["args"], "world_size": checkpoint["world_size"], "task": checkpoint["task"]}
+    plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (older checkpoints hold lists)
     for key, value in current.items():
-        if saved.get(key) != value:
+        if plain(saved.get(key)) != plain(value):
             raise ValueError(f"{path}: trained with {key}={saved.get(key)!r}, now {value!r}")
 
 
@@ -276,4 +292,11 @@ def resume(path, model, optimizer, scaler, current=None):
 
 
 class BadInput(ValueError):
-    """Data that cannot be used as it is; the message names the file or column."""
+    """Input that cannot be used as it is (a file, column, flag or checkpoint); the message names it."""
+
+
+def one_line(error):
+    """The message of an error for a script's last line: an error re-raised from a DataLoader worker carries
+    the worker's traceback in its text, of which the last line is the message."""
+    last = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return re.sub(r"^[\w.]*(BadInput|NonFiniteLoss): ", "", last)

@@ -1,4 +1,5 @@
-"""Quality control of the anatomy masks (used by make_masks.py; users check masks before training on 50K).
+"""Quality control of the anatomy masks (written by make_masks.py, summarised when training starts; users
+check masks before training on 50K).
 
 Per case: the scan's extent in mm, each structure's volume in ml, and the structures that are missing, tiny
 (under TINY_ML) or touching the edge of the scanned volume (e.g. a lung cut by the field of view).
@@ -12,16 +13,17 @@ import os
 import nibabel as nib
 import numpy as np
 
-import data
-import labels
-import utils
+from ctkit import utils
+from ctkit.prep import CT, MASK, QC, case_path
+from ctkit.regions import REGIONS
 
 TINY_ML = 5.0  # a structure smaller than this is flagged as tiny (a speck, not an organ)
+SUMMARY = "masks_summary.csv"
 
 
 def case_row(case, mask, affine, region):
     """One row of masks_summary.csv: the scan's extent, each structure's volume, and the flags."""
-    structures = data.REGIONS[region]["structures"]
+    structures = REGIONS[region]["structures"]
     spacing = np.abs(np.diag(affine)[:3])
     volumes = np.bincount(mask.ravel(), minlength=len(structures) + 1) * spacing.prod() / 1000  # ml
     faces = [mask[0], mask[-1], mask[:, 0], mask[:, -1], mask[:, :, 0], mask[:, :, -1]]
@@ -39,12 +41,10 @@ def case_row(case, mask, affine, region):
 def write_summary(dst, cases=None):
     """<dst>/masks_summary.csv, written atomically: rebuilt from every case's QC record (all shards'), or with
     `cases` only those records merged into the summary as it stands (cheap while a large run goes)."""
-    path, rows = dst / "masks_summary.csv", {}
+    path, rows = dst / SUMMARY, {}
     if cases is not None and path.exists():
-        rows = {row["case_id"]: row for row in labels.read_csv(path, ["case_id"])}
-    records = (
-        [dst / "qc" / f"{c}.json" for c in cases] if cases is not None else (dst / "qc").glob("[!.]*.json")
-    )
+        rows = {row["case_id"]: row for row in utils.read_csv(path, ["case_id"])}
+    records = [dst / QC / f"{c}.json" for c in cases] if cases is not None else (dst / QC).glob("[!.]*.json")
     rows.update({row["case_id"]: row for row in (json.loads(p.read_text()) for p in records if p.exists())})
     if rows:
         table = [rows[c] for c in sorted(rows)]
@@ -54,16 +54,14 @@ def write_summary(dst, cases=None):
 def write_preview(dst, case, region):
     """<dst>/preview/<case>.png: axial, coronal and sagittal slices through the mask's centre, CT in the
     region's window, structures coloured and named, the way a reader checks a segmentation."""
-    import matplotlib
+    import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    ct_img, mask = (
-        nib.load(dst / "ct" / f"{case}.nii"),
-        np.asarray(nib.load(dst / "mask" / f"{case}.nii").dataobj),
-    )
+    ct_img = nib.load(case_path(dst, CT, case))
+    mask = np.asarray(nib.load(case_path(dst, MASK, case)).dataobj)
     ct, (sx, sy, sz) = np.asarray(ct_img.dataobj), np.abs(np.diag(ct_img.affine)[:3])
     x, y, z = (np.argwhere(mask).mean(0) if mask.any() else np.array(mask.shape) / 2).astype(int)
     views = {  # (CT slice, mask slice, aspect); x reversed: the patient's right on the viewer's left
@@ -71,10 +69,10 @@ def write_preview(dst, case, region):
         "coronal": (ct[::-1, y, :].T, mask[::-1, y, :].T, sz / sx),
         "sagittal": (ct[x, :, :].T, mask[x, :, :].T, sz / sy),
     }
-    structures, colours = data.REGIONS[region]["structures"], plt.get_cmap("tab10")
+    structures, colours = REGIONS[region]["structures"], plt.get_cmap("tab10")
     fig, axes = plt.subplots(1, 3, figsize=(13, 5))
     for ax, (name, (image, structure_ids, aspect)) in zip(axes, views.items()):
-        low, high = data.REGIONS[region]["window"]
+        low, high = REGIONS[region]["window"]
         ax.imshow(image, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
         overlay = np.ma.masked_equal(structure_ids, 0)
         ax.imshow(overlay, cmap=colours, vmin=0.5, vmax=10.5, alpha=0.45, origin="lower", aspect=aspect)
@@ -91,10 +89,10 @@ def write_preview(dst, case, region):
 
 def mask_report(prep_dir, case_ids):
     """One line on the masks' quality control (make_masks.py's masks_summary.csv) for these cases."""
-    path = os.path.join(prep_dir, "masks_summary.csv")
+    path = os.path.join(prep_dir, SUMMARY)
     if not os.path.exists(path):
         return f"masks: no {path} (made by an older make_masks.py?), not checked"
-    rows = {r["case_id"]: r for r in labels.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
+    rows = {r["case_id"]: r for r in utils.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
     known = [rows[c] for c in case_ids if c in rows]
     missing = [r for r in known if r["missing"]]
     example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""

@@ -10,18 +10,24 @@ except the seg head (which that loss does not depend on):
                Li et al. 2018 ("Visualizing the Loss Landscape of Neural Nets"): every filter (output channel)
                of d scaled to the norm of that filter of theta; biases and norm parameters not perturbed.
 
-    python sharpness.py runs/study/*/        # writes sharpness.json in each run folder and prints a table
+    python tools/sharpness.py runs/study/*/   # writes sharpness.json in each run folder and prints a table
 """
 
 import argparse
+import dataclasses
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-import data
-import utils
-from model import build_model, classification_loss
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a script of this folder stands on the top level
+import data  # noqa: E402
+from ctkit import synthetic, utils  # noqa: E402
+from model import build_model, classification_loss  # noqa: E402
 
 
 def loss_on(model, batches, kind):
@@ -92,14 +98,14 @@ def fixed_batches(config, cases, batch_size):
     """The first `cases` training cases of a run's dataset, centre-cropped and normalised, in batches."""
     task = data.Task.from_dict(config["task"])
     if config["dataset"] == "synthetic" and not config.get("data_path"):  # the same phantoms, made again
-        import synthetic
-
         ids, volumes, labels = synthetic.synthetic_split("train", cases, pad=task.pad)
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
-    else:
-        args = argparse.Namespace(**{k: v for k, v in config.items() if k != "task"})
-        args.seg = False  # the crops only: no masks are needed
-        dataset = data.build_datasets(args)[0]["train"]
+    else:  # the run's own cases; the crops only: no masks are needed
+        fields = {f.name for f in dataclasses.fields(data.Source)}
+        source = data.Source(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        )
+        dataset = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
         dataset.train = False  # centre crops, no random offsets
     samples = [dataset[i] for i in range(min(cases, len(dataset)))]
     batches = []
@@ -131,7 +137,7 @@ def measure(run_folder, cases=20, batch_size=10, iterations=20, alphas=(0.02, 0.
     return result
 
 
-def main():
+def get_args_parser():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -140,7 +146,10 @@ def main():
     parser.add_argument("--iterations", type=int, default=20, help="power iterations")
     parser.add_argument("--draws", type=int, default=8, help="random directions per perturbation size")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.02, 0.05], help="perturbation sizes")
-    args = parser.parse_args()
+    return parser
+
+
+def main(args):
     torch.manual_seed(0)
     for run in args.runs:
         r = measure(run, args.cases, iterations=max(2, args.iterations), alphas=args.alphas, draws=args.draws)
@@ -151,4 +160,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(get_args_parser().parse_args())

@@ -1,8 +1,8 @@
 """Classify one new CT with a trained run (the deployed model: no segmentation head is evaluated).
 
-    python predict.py scan.nii.gz --checkpoint runs/ctrate_r3d_seg_s0/checkpoint_best.pth
-    python predict.py trn00001.npz --checkpoint ...        # RAD-ChestCT volume
-    python predict.py dicom_series_folder/ --checkpoint ...
+    python tools/predict.py scan.nii.gz --checkpoint runs/ctrate_r3d_seg_s0/checkpoint_best.pth
+    python tools/predict.py trn00001.npz --checkpoint ...        # RAD-ChestCT volume
+    python tools/predict.py dicom_series_folder/ --checkpoint ...
 
 The CT is read and preprocessed exactly as make_masks.py does (RAS, 1.5 x 1.5 x 3 mm, HU clip), centre-cropped
 as in evaluation, and each class probability is compared with the run's threshold: chosen on its validation
@@ -13,14 +13,17 @@ were chosen per patient (the mean of a patient's series); average the series of 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-import ct_io
-import data
-import utils
-from labels import ABBREVIATIONS
-from model import build_model, probabilities
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # a script of this folder stands on the top level
+import data  # noqa: E402
+from ctkit import ct_io, utils  # noqa: E402
+from ctkit.labels import ABBREVIATIONS  # noqa: E402
+from model import build_model, probabilities  # noqa: E402
 
 
 def load_model(checkpoint_path):
@@ -71,9 +74,14 @@ def get_args_parser():
     return parser
 
 
-if __name__ == "__main__":
-    cli = get_args_parser().parse_args()
+def cli(argv=None):
+    """The command line: a CT or checkpoint that cannot be used ends in one line and exit status 1."""
+    args = get_args_parser().parse_args(argv)
     try:
-        predict(cli.ct, cli.checkpoint)
+        predict(args.ct, args.checkpoint)
     except (OSError, ValueError) as error:
-        sys.exit(f"cannot classify {cli.ct}: {error}")
+        raise SystemExit(f"cannot classify {args.ct}: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()

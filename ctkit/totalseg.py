@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-import utils
+from ctkit import utils
 
 TASK_ID = 297  # total, fast: Dataset297_TotalSegmentator_total_3mm_1559subj
 TRAINER, PLANS, CONFIGURATION, FOLDS = (

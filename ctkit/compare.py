@@ -1,22 +1,22 @@
 """Several runs side by side: Tables 1 and 6-9 layouts, bootstrap confidence intervals, Figure 3 (paper §3).
 
-    python evaluate.py runs/*/ --figure fig3.png      # (evaluate.py hands several run folders to this module)
+    python evaluate.py runs/*/ --figure fig3.png    # evaluate.py reads the runs, hands them to this module
 
-Runs are grouped by (dataset, model, pretrained, seg) from their config.json; the seeds of one group are
+A run is a dict: folder, key (dataset, model, pretrained, seg) from its config.json, seed, the per-class rows
+and macro metrics of its test predictions, its predictions (labels.read_predictions) and its Dice. Runs are
+grouped by key; the seeds of one group are
 averaged (mean +- std). w/ vs w/o seg: a paired bootstrap over the test cases (resampled jointly for all runs
 of both groups), with the 95% percentile CI and two-sided p-value of the difference of macro AUC.
 """
 
 import os
-import sys
 from collections import defaultdict
 
 import numpy as np
 from scipy.stats import rankdata
 
-import utils
-from evaluate import evaluate_predictions
-from labels import ABBREVIATIONS, read_predictions
+from ctkit import utils
+from ctkit.labels import ABBREVIATIONS
 
 MODEL_NAMES = {"r3d": "ResNet", "mvit": "MViT", "swin": "Swin3D"}
 
@@ -63,28 +63,6 @@ def paired_bootstrap(y_true, probs_a, probs_b, resamples=2000, seed=0, seeds_too
     p_value = min(1.0, 2 * min(np.mean(samples <= 0), np.mean(samples >= 0)))
     delta = mean_macro_auc(y_true, probs_a) - mean_macro_auc(y_true, probs_b)
     return float(delta), float(low), float(high), float(p_value)
-
-
-def load_runs(folders, method, thresholds_from, per="auto"):
-    """Each run folder's config, test predictions (per case, or per patient for RATIC) and metrics."""
-    runs = []
-    for folder in folders:
-        config_path = os.path.join(folder, "config.json")
-        if not os.path.isfile(config_path):
-            sys.exit(f"{folder}: no config.json (not a run folder written by train.py)")
-        config = utils.read_json(config_path)
-        path = os.path.join(folder, "predictions_test.csv")
-        if not os.path.isfile(path):
-            sys.exit(f"{path}: missing (did the run finish?)")
-        rows, macro = evaluate_predictions(path, method, thresholds_from, quiet=True, per=per)
-        dice_path = os.path.join(folder, "dice_test.json")
-        key = (config["dataset"], config["model"], bool(config.get("pretrained")), config["seg"])
-        run = dict(
-            folder=folder, key=key, seed=config["seed"], rows=rows, macro=macro, **read_predictions(path, per)
-        )
-        run["dice"] = utils.read_json(dice_path) if os.path.isfile(dice_path) else None
-        runs.append(run)
-    return runs
 
 
 def cell(values, scale=100):
@@ -135,7 +113,9 @@ def bootstrap_line(off, on, resamples, seed):
     reference = off[0]
     for run in off + on:
         if run["cases"] != reference["cases"]:
-            sys.exit(f"{run['folder']} and {reference['folder']} were evaluated on different cases")
+            raise utils.BadInput(
+                f"{run['folder']} and {reference['folder']} were evaluated on different cases"
+            )
     y, a, b = reference["y_true"], [r["y_prob"] for r in on], [r["y_prob"] for r in off]
     d, low, high, p = paired_bootstrap(y, a, b, resamples, seed)
     _, low2, high2, p2 = paired_bootstrap(y, a, b, resamples, seed, seeds_too=True)
@@ -212,12 +192,10 @@ def smoothed(values, span):
 def figure3(runs, path):
     """Figure 3: gradient norm, total training loss (cls + seg) and, comparable between the arms, the
     classification loss alone, per iteration, raw and smoothed; w/ seg in red, w/o in blue."""
-    import matplotlib
+    import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from train import ITERATION_FIELDS
 
     panels = {
         "grad_norm": "gradient norm (before clipping)",
@@ -226,7 +204,7 @@ def figure3(runs, path):
     }
     fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
     for run in sorted(runs, key=lambda r: (r["key"], r["seed"])):
-        log = utils.read_log(os.path.join(run["folder"], "iterations.csv"), ITERATION_FIELDS)
+        log = utils.read_log(os.path.join(run["folder"], "iterations.csv"), utils.StepLog.FIELDS)
         iteration = [int(r["iteration"]) for r in log]
         color = "tab:red" if run["key"][3] else "tab:blue"
         label = f"{MODEL_NAMES[run['key'][1]]} {'w/' if run['key'][3] else 'w/o'} seg, seed {run['seed']}"
@@ -251,20 +229,12 @@ def figure3(runs, path):
     plt.close(fig)
 
 
-def main(args):
-    runs = load_runs(args.paths, args.threshold, args.thresholds_from, args.per)
-    text, records = comparison_report(runs, args.bootstrap, args.seed)
-    where = "validation split" if args.thresholds_from == "val" else "evaluated set"
-    method = "Youden's J" if args.threshold == "youden" else "closest to (0, 1)"
-    text = f"{len(runs)} runs; thresholds: {method} on the {where}" + text
+def write_comparison(runs, stem, resamples, seed, heading):
+    """Print the comparison under `heading` and write it to <stem>.txt and its records to <stem>.json."""
+    text, records = comparison_report(runs, resamples, seed)
+    text = heading + text
     print(text)
-    stem = args.output or os.path.join(
-        os.path.dirname(os.path.abspath(args.paths[0].rstrip("/"))), "comparison"
-    )
     with utils.atomic_path(f"{stem}.txt") as tmp, open(tmp, "w") as f:
         f.write(text + "\n")
     utils.write_json(f"{stem}.json", records)
     print(f"\nwrote {stem}.txt and {stem}.json")
-    if args.figure:
-        figure3(runs, args.figure)
-        print(f"wrote {args.figure}")

@@ -1,8 +1,7 @@
 """Reading CTs as each dataset stores them, resampling onto one RAS grid, and writing NIfTI (paper §2.1).
 
-Every reader returns (HU array indexed (i, j, k), 4x4 RAS affine). Used by make_masks.py and predict.py;
-data.py checks the files written here with the functions at the end (`nifti_layout`, `check_layouts`,
-`check_prep_dir`).
+Every reader returns (HU array indexed (i, j, k), 4x4 RAS affine). Used by make_masks.py (through prep.py for
+the files it stores) and tools/predict.py.
   NIfTI   CT-RATE `*_fixed` files are HU with their geometry in the header; the originals have blank headers
           and raw stored values, rebuilt from the metadata CSV (`--metadata`).
   .npz    RAD-ChestCT: key 'ct', HU, 0.8 mm, axes superior->inferior, anterior->posterior, right->left.
@@ -18,8 +17,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-import utils
-from utils import BadInput
+from ctkit import utils
 
 SPACING = (1.5, 1.5, 3.0)  # x, y, z in mm
 HU_RANGE = (-1000, 1000)  # paper §2.1
@@ -198,64 +196,3 @@ def save_nifti(array, affine, path, description=""):
     img.set_sform(affine, code=1)
     with utils.atomic_path(path) as tmp:  # a killed run leaves only a hidden .tmp.nii, removed on the rerun
         nib.save(img, tmp)
-
-
-# The files make_masks.py stored, checked before training reads them (data.StoredVolumes)
-
-
-def nifti_layout(path):
-    """Where the voxels of an uncompressed NIfTI written by make_masks.py lie: {shape (D, H, W), dtype,
-    offset, affine}. Raises BadInput for anything a memory map could not read correctly (compressed, scaled,
-    torn)."""
-    path = str(path)
-    if not path.endswith(".nii"):
-        raise BadInput(f"{path}: expected an uncompressed .nii written by make_masks.py")
-    with open(path, "rb") as f:
-        header = nib.Nifti1Header.from_fileobj(f)
-    shape = header.get_data_shape()
-    slope, inter = header.get_slope_inter()
-    if len(shape) != 3 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
-        raise BadInput(f"{path}: expected an unscaled 3D volume, got shape {shape}, scaling {slope}, {inter}")
-    dtype, offset = header.get_data_dtype(), int(header["vox_offset"])
-    if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
-        raise BadInput(f"{path}: file is shorter than its header says (truncated copy?)")
-    description = header["descrip"].item().decode(errors="replace").strip("\x00 ")
-    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine(),
-            "description": description}  # fmt: skip
-
-
-def check_layouts(paths, layouts, stamp=None):
-    """A case's stored CT (and mask): make_masks.py's data types, one grid, the mask made for this region."""
-    for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
-        if layout["dtype"] != dtype:
-            raise BadInput(f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py)")
-    if len(paths) < 2:
-        return
-    (ct_path, mask_path), (ct, mask) = paths, layouts
-    if ct["shape"] != mask["shape"] or not np.allclose(ct["affine"], mask["affine"], atol=1e-3):
-        raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
-                       "(shape or affine)")  # fmt: skip
-    if stamp is not None and mask["description"] != stamp:
-        found = mask["description"] or "no region stamp (made by an older make_masks.py?)"
-        raise BadInput(f"{mask_path}: {found!r}, this run needs {stamp!r}: rerun make_masks.py with the "
-                       "right --region for these cases (a rerun redoes masks of another scheme)")  # fmt: skip
-
-
-def check_prep_dir(prep_dir, data_path):
-    """Fail before anything is read or written if make_masks.py's output is not where the run looks, naming
-    the folder searched and any prepared folder found below --data-path (e.g. one level too high)."""
-    if os.path.isdir(os.path.join(prep_dir, "ct")):
-        return
-    found = []
-    for root, dirs, _ in os.walk(data_path or "."):
-        depth = os.path.relpath(root, data_path or ".").count(os.sep)
-        if {"ct", "mask"} <= set(dirs) and os.path.abspath(root) != os.path.abspath(prep_dir):
-            found.append(root)
-        dirs[:] = (
-            [] if depth >= 3 or len(found) >= 3 else [d for d in sorted(dirs) if d not in ("ct", "mask")]
-        )
-    hint = (
-        "; found prepared folder(s) " + ", ".join(found) + " (--prep-dir, or a --data-path one level down?)"
-    )
-    raise BadInput(f"no preprocessed volumes: {os.path.join(prep_dir, 'ct')} does not exist "
-                   f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})")  # fmt: skip

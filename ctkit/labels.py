@@ -7,13 +7,12 @@ files a run writes (true and predicted labels per case) are read and written her
 
 import csv
 import os
-import sys
 import zlib
 
 import numpy as np
 
-import utils
-from utils import BadInput
+from ctkit import utils
+from ctkit.utils import BadInput, read_csv
 
 # fmt: off
 CTRATE_CLASSES = {  # the 18 columns of multi_abnormality_labels in the paper's Table 7 order: abbreviation
@@ -36,7 +35,7 @@ RATIC_COLUMNS = {  # evaluated columns, paper Table 9 order; the model has 11 ou
     "liver_healthy": "LH", "liver_high": "LHI", "liver_low": "LL", "spleen_healthy": "SH",
     "spleen_high": "SHI", "spleen_low": "SL",
 }
-SYNTHETIC_CLASSES = {  # synthetic.py's phantoms
+SYNTHETIC_CLASSES = {  # ctkit/synthetic.py's phantoms
     "nodule_right_upper_lobe": "NOD-RUL", "nodule_left_lower_lobe": "NOD-LLL", "cardiomegaly": "CDM",
     "pleural_effusion": "PLE", "emphysema": "EMP",
 }
@@ -45,18 +44,6 @@ CLASSES = {"ctrate": CTRATE_CLASSES, "radchest": RADCHEST_CLASSES, "ratic": RATI
 CLASSES["synthetic"] = SYNTHETIC_CLASSES
 ABBREVIATIONS = {name: short for table in CLASSES.values() for name, short in table.items()}
 RATIC_SPLIT = (2500, 647)  # patients, paper §3.1
-
-
-def read_csv(path, columns):
-    """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: label file not found")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BadInput(f"{path}: missing column(s) {missing}")
-        return list(reader)
 
 
 def label_matrix(rows, columns, path):
@@ -151,7 +138,7 @@ def ratic_tables(root, split_file, seed=0):
 
 
 def synthetic_tables(root):
-    """Phantoms written by `python synthetic.py --write DIR`: DIR/labels.csv (case_id, split, classes)."""
+    """Phantoms of `python -m ctkit.synthetic --write DIR`: DIR/labels.csv (case_id, split, classes)."""
     path = os.path.join(root, "labels.csv")
     rows = read_csv(path, ["case_id", "split", *SYNTHETIC_CLASSES])
     tables = {}
@@ -171,15 +158,15 @@ def hold_out(tables, fraction):
     tables["val"] = (pick(ids, val), labels[val], pick(groups, val))
 
 
-def tables(args):
+def tables(dataset, data_path, prep_dir, split_seed=0):
     """{split: (case ids, labels, patients)} of a dataset on disk."""
-    if args.dataset == "ctrate":
-        return ctrate_tables(args.data_path)
-    if args.dataset == "radchest":
-        return radchest_tables(args.data_path)
-    if args.dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
-        return ratic_tables(args.data_path, os.path.join(args.prep_dir, "ratic_split.csv"), args.split_seed)
-    return synthetic_tables(args.data_path)
+    if dataset == "ctrate":
+        return ctrate_tables(data_path)
+    if dataset == "radchest":
+        return radchest_tables(data_path)
+    if dataset == "ratic":  # the patient split is drawn once and kept beside the volumes
+        return ratic_tables(data_path, os.path.join(prep_dir, "ratic_split.csv"), split_seed)
+    return synthetic_tables(data_path)
 
 
 # ----------------------------------------------------------------------------- predictions files
@@ -192,10 +179,10 @@ def read_predictions(path, per="case"):
         reader = csv.reader(f)
         header, rows = next(reader, None), list(reader)
     if not header or header[0] != "case_id":
-        sys.exit(f"{path}: not a predictions CSV (first column must be case_id)")
+        raise BadInput(f"{path}: not a predictions CSV (first column must be case_id)")
     names = [h[len("true:") :] for h in header if h.startswith("true:")]
     if not names or [h[len("prob:") :] for h in header if h.startswith("prob:")] != names or not rows:
-        sys.exit(f"{path}: needs matching true:<class> and prob:<class> columns and at least one row")
+        raise BadInput(f"{path}: needs matching true:<class> and prob:<class> columns and at least one row")
     first = header.index(f"true:{names[0]}")
     values = np.array([[float(v) for v in r[first : first + 2 * len(names)]] for r in rows])
     patients = [r[header.index("patient_id")] if "patient_id" in header else r[0] for r in rows]

@@ -3,15 +3,15 @@
 Seeded and deterministic: body with fat and soft tissue, spine, two lungs split by fissures into 5 lobes, the
 heart, vessels and noise, in HU, with anatomical variation (size, position, +-8 degree rotation). Findings: a
 nodule in the right upper lobe, a nodule in the left lower lobe (decoy nodules also occur in other lobes and
-must be ignored; NODULES), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Masks use the
-chest scheme of make_masks.py (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a reduced size:
-about the task's pad box (40 x 60 x 60 by default; `train.py --crop` scales the box, and the phantoms with it:
-the same picture at a finer resolution). The findings' voxels are kept apart (make_phantom's findings map) to
-score where a model's evidence lies; they are never used for training.
+must be ignored; NODULES), cardiomegaly, pleural effusion at a lung base, emphysema (diffuse). Masks use
+the chest scheme of the prepared masks (1-5 lobes, 6 heart). Arrays are (D, H, W) = (z, y, x) in RAS at a
+reduced size, about the task's pad box (40 x 60 x 60 by default; `train.py --crop` scales the box, and the
+phantoms with it: the same picture at a finer resolution). The findings' voxels are kept apart
+(make_phantom's findings map) to score where a model's evidence lies; they are never used for training.
 
-    python synthetic.py                          # synthetic_preview.png: a few slices and masks
-    python synthetic.py --write synth/ [--pad D H W]  # synth/ct, synth/totalseg (TotalSegmentator ids),
-                                                      # synth/labels.csv
+    python -m ctkit.synthetic                       # synthetic_preview.png: a few slices and masks
+    python -m ctkit.synthetic --write synth/ [--pad D H W]  # synth/ct, synth/totalseg (TotalSegmentator ids),
+                                                            # synth/labels.csv
 """
 
 import argparse
@@ -22,9 +22,10 @@ import os
 import nibabel as nib
 import numpy as np
 
-import utils
-from data import AIR_HU, REGIONS
-from labels import SYNTHETIC_CLASSES
+from ctkit import utils
+from ctkit.ct_io import AIR_HU
+from ctkit.labels import SYNTHETIC_CLASSES
+from ctkit.regions import REGIONS
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
 PARALLEL_VOXELS = 2_000_000  # pad boxes this large: phantoms made in parallel (120x240x240: 0.26 s each)
@@ -170,7 +171,7 @@ def write_synthetic(out_dir, sizes=None, pad=None):
     """Phantoms (for a pad box; default the synthetic task's) as a real dataset would come:
     <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm), <out>/totalseg/<case>.nii.gz (TotalSegmentator
     'total' ids) and <out>/labels.csv."""
-    from totalsegmentator.map_to_binary import class_map
+    from totalsegmentator.map_to_binary import class_map  # heavy optional dependency: only for writing files
 
     ts_ids = {name: i for i, name in class_map["total"].items()}
     to_totalseg = np.zeros(256, np.uint8)

@@ -1,0 +1,15 @@
+"""What the five scripts stand on, one module a concern (imports run downwards in this list; utils is a leaf).
+
+regions          the paper's two regions (Table 3): structures, HU window, pad and crop
+ct_io            reading CTs as each dataset stores them, resampling to RAS 1.5 x 1.5 x 3 mm, writing NIfTI
+prep             the prepared folder make_masks.py writes and training reads: layout, mask stamp, checks
+mask_qc          quality control of the masks (qc/<case>.json, masks_summary.csv, previews)
+totalseg         TotalSegmentator's fast 'total' model, loaded once per process
+labels           each dataset's label tables as distributed; the predictions CSV format
+synthetic        seeded chest phantoms with localised findings (python -m ctkit.synthetic)
+pretrained       Kinetics-400 initialisation of the backbones
+learning_report  did the seg head learn each case's anatomy? floors from the training masks
+evidence         the linear head at every feature voxel: where a classifier's evidence lies
+compare          several runs side by side: Tables 1, 6-9, bootstrap CIs, Figure 3
+utils            plumbing: atomic writes, CSV logs, torchrun, checkpoints, errors
+"""
