@@ -191,32 +191,42 @@ def write_synthetic(out_dir, sizes=None, pad=None):
     utils.write_csv(os.path.join(out_dir, "labels.csv"), ["case_id", "split", *SYNTHETIC_CLASSES], rows)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        description="Write the synthetic phantoms as NIfTI files, or preview them."
-    )
+def write_preview(path="synthetic_preview.png"):
+    """Four training phantoms: an axial CT slice (titled with its findings) and a sagittal mask slice each."""
+    import matplotlib  # optional for everything else: imported where a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, volumes, labels = synthetic_split("train", 4)
+    fig, axes = plt.subplots(2, 4, figsize=(12, 6))
+    for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
+        axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
+        findings = ", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v)
+        axes[0, k].set_title(findings or "normal", fontsize=7)
+        axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="The synthetic phantoms as NIfTI files, or a preview")
     parser.add_argument("--write", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
     parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
     parser.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="phantom size (40 60 60)")
-    cli = parser.parse_args()
-    if cli.write:
-        write_synthetic(
-            cli.write, dict(zip(("train", "val", "test"), cli.cases)) if cli.cases else None, cli.pad
-        )
-        print(f"wrote {cli.write}/ct, totalseg and labels.csv")
-    else:
-        import matplotlib
+    return parser
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        cases, volumes, labels = synthetic_split("train", 4)
-        fig, axes = plt.subplots(2, 4, figsize=(12, 6))
-        for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
-            axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
-            axes[0, k].set_title(
-                ", ".join(c for c, v in zip(SYNTHETIC_CLASSES, label) if v) or "normal", fontsize=7
-            )
-            axes[1, k].imshow(mask[:, :, ct.shape[2] // 3], cmap="tab10", vmin=0, vmax=9, origin="lower")
-        fig.savefig("synthetic_preview.png", dpi=80)
+def main(args):
+    if not args.write:
+        write_preview()
         print("wrote synthetic_preview.png (axial CT slices, sagittal masks)")
+        return
+    sizes = dict(zip(("train", "val", "test"), args.cases)) if args.cases else None
+    write_synthetic(args.write, sizes, args.pad)
+    print(f"wrote {args.write}/ct, totalseg and labels.csv")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
