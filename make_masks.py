@@ -226,7 +226,7 @@ def main(args):
     from tqdm import tqdm  # the progress bar: only when masks are made
 
     s = Settings(**{**vars(args), "metadata": tuple(args.metadata or ()), "exclude": tuple(args.exclude)})
-    source = f"TotalSegmentator maps from {s.from_totalseg}" if s.from_totalseg else f"{s.engine} on {s.device}"
+    source = f"the maps in {s.from_totalseg}" if s.from_totalseg else f"{s.engine} on {s.device}"
     print(f"make_masks: {s.src} -> {s.dst}, region {s.region}, masks: {source}, shard {s.shard}")
     cases, mine, inputs = prepare(s)
     todo = [c for c in mine if not prep.is_done(s.dst, c, s.region)]
