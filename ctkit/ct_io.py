@@ -77,7 +77,7 @@ def read_npz(path):
 
 
 def read_dicom_series(folder):
-    import pydicom
+    import pydicom  # only DICOM inputs need it (and its decoders)
 
     slices = []
     for f in sorted(Path(folder).iterdir()):

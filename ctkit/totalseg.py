@@ -14,6 +14,8 @@ input's by float32 rounding; the labels do not, and make_masks.py only uses the 
     labels = engine(nib.Nifti1Image(ct, affine))   # a Nifti1Image of class ids (class_map["total"])
 """
 
+# TotalSegmentator and nnU-Net are heavy (they import at start-up what training never needs): every function
+# here imports them where it runs.
 import json
 import multiprocessing
 from pathlib import Path

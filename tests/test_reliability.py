@@ -78,9 +78,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monk
         return real(logits, labels, kind) * (float("nan") if calls["n"] == 9 else 1.0)
 
     monkeypatch.setattr(model, "classification_loss", loss_that_breaks)
-    with pytest.raises(
-        utils.NonFiniteLoss, match=r"loss nan.* at epoch 1 iteration 8; the last good checkpoint"
-    ):
+    expected = r"^stopped: non-finite values \(loss nan.* at epoch 1 iteration 8; the last good checkpoint"
+    with pytest.raises(SystemExit, match=expected):
         run_train(tmp_path, "--checkpoint-every", "4")
     state = utils.load_checkpoint(tmp_path / "checkpoint.pth")
     assert state["iteration"] == 8
