@@ -1,7 +1,7 @@
 """Which stored labels a run learns: `train.py --structures SPEC` -> the run's seg classes -> a lookup table.
 
-make_masks.py stores what the segmenter said (TotalSegmentator's whole 'total' map, or another segmenter's with
-its own id -> name table; ctkit/prep.py); the run chooses its supervision when it reads a sample:
+make_masks.py stores what the segmenter said (TotalSegmentator's whole 'total' map, or another segmenter's
+with its own id -> name table; ctkit/prep.py); the run chooses its supervision when it reads a sample:
 
     paper                     the region's structures of the paper (Table 3; bowel merged)
     all                       every class of the stored scheme, in id order
