@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from ctkit import labels, prep, synthetic, utils
+from ctkit import labels, prep, structures, synthetic, utils
 from ctkit.ct_io import AIR_HU
 from ctkit.regions import REGIONS
 from ctkit.utils import BadInput
@@ -30,30 +30,45 @@ OPEN_VOLUMES = 64  # memory maps (CT + mask) a process keeps open; each costs on
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a run learns and how its inputs are prepared. Saved in checkpoints as a plain dict (to_dict), so
-    prediction rebuilds the same model and preprocessing without the training command line."""
+    prediction rebuilds the same model and preprocessing without the training command line, and a resumed run
+    checks it learns the same (the structures included)."""
 
     dataset: str
     kind: str  # "multilabel": a sigmoid per class; "ratic": the heads of eq. 2 (model.py)
     region: str
     classes: tuple  # evaluated columns
-    structures: tuple  # mask labels 1..len(structures); 0 is background
+    structures: tuple  # the seg classes 1..len(structures); 0 is background
     window: tuple  # HU clip range
     pad: tuple
     crop: tuple
+    structure_ids: tuple = ()  # per seg class, the stored labels it holds (ctkit/structures.py)
+    scheme: str = ""  # the stamp of the stored masks' label scheme (ctkit/prep.py); "" for in-memory phantoms
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d):
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        nested = lambda v: tuple(nested(x) for x in v) if isinstance(v, list | tuple) else v  # noqa: E731
+        return cls(**{k: nested(v) for k, v in d.items()})
 
 
-def make_task(dataset, crop=None, pad=None):
+def region_of(dataset, region=None):
+    """The paper's region of a dataset; a custom dataset's is given (--region)."""
+    if dataset == "custom":
+        if region not in REGIONS:
+            raise BadInput(f"--dataset custom needs --region, one of {tuple(REGIONS)}")
+        return region
+    return "abdomen" if dataset == "ratic" else "chest"
+
+
+def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=None):
     """The Task of a dataset. A --crop other than the paper's scales the pad box with it (the paper's pad/crop
-    ratio per axis), so that a random crop still mostly covers the patient; --pad sets it explicitly."""
-    region = "abdomen" if dataset == "ratic" else "chest"
-    geometry = dict(REGIONS[region])
+    ratio per axis), so that a random crop still mostly covers the patient; --pad sets it explicitly.
+    classes: a custom dataset's findings; anatomy: (scheme stamp, structures, their stored ids) of the run
+    (`anatomy`), default the region's paper structures in the phantoms' scheme."""
+    region = region_of(dataset, region)
+    geometry = {k: v for k, v in REGIONS[region].items() if k != "structures"}
     if dataset == "synthetic":
         geometry.update(pad=synthetic.SYNTHETIC["pad"], crop=synthetic.SYNTHETIC["crop"])
     if crop:
@@ -63,8 +78,44 @@ def make_task(dataset, crop=None, pad=None):
         if any(p < c for p, c in zip(pad, geometry["crop"])):
             raise BadInput(f"--pad {tuple(pad)} is smaller than the crop {geometry['crop']}")
         geometry.update(pad=tuple(pad))
+    if anatomy is None:  # the paper's structures: in the phantoms' scheme, or by name only (nothing read)
+        in_memory = dataset == "synthetic"
+        anatomy = (
+            ("", *structures.parse("paper", synthetic.SCHEME, region))
+            if in_memory
+            else ("", REGIONS[region]["structures"], ())
+        )
+    scheme, names, ids = anatomy
     kind = "ratic" if dataset == "ratic" else "multilabel"
-    return Task(dataset, kind, region, tuple(labels.CLASSES[dataset]), **geometry)
+    classes = tuple(classes or labels.CLASSES[dataset])
+    return Task(dataset, kind, region, classes, names, **geometry, structure_ids=ids, scheme=scheme)
+
+
+def anatomy(spec, source, region, with_mask=True):
+    """(scheme stamp, structures, stored ids) of --structures SPEC on the source's stored masks (its prepared
+    folder's labels.json), or on the phantoms' scheme for phantoms made in memory. A run without masks on a
+    folder without labels.json gets the paper's structures (the task records them; nothing reads them)."""
+    if source.dataset == "synthetic" and not source.data_path:
+        return ("", *structures.parse(spec, synthetic.SCHEME, region))
+    prep.check_prep_dir(source.prep_dir, source.data_path)
+    if not with_mask and not os.path.exists(os.path.join(source.prep_dir, prep.SCHEME)):
+        return "", REGIONS[region]["structures"], ()
+    name, table, stamp = prep.read_scheme(source.prep_dir)
+    return (stamp, *structures.parse(spec, table, region))
+
+
+def stored_lut(task, source):
+    """The lookup table from the stored labels to the task's seg classes; None for phantoms made in memory
+    with the paper's structures (their labels are the classes already)."""
+    if not task.scheme:
+        lut = structures.lookup_table(task.structure_ids, synthetic.SCHEME)
+        return None if np.array_equal(lut[:7], np.arange(7)) else lut
+    name, table, stamp = prep.read_scheme(source.prep_dir)
+    if stamp != task.scheme:
+        raise BadInput(
+            f"{source.prep_dir}: its masks are of scheme {name!r} ({stamp}), the run's {task.scheme}"
+        )
+    return structures.lookup_table(task.structure_ids, table)
 
 
 def normalize(ct, window):
@@ -166,13 +217,13 @@ class CTDataset(torch.utils.data.Dataset):
         train,
         seed=0,
         with_mask=False,
-        max_label=255,
+        lut=None,
         groups=None,
     ):
         self.case_ids, self.volumes, self.labels = list(case_ids), volumes, np.asarray(labels, np.float32)
         self.groups = list(groups) if groups is not None else self.case_ids  # patients
         self.pad_size, self.crop_size, self.train, self.seed = pad_size, crop_size, train, seed
-        self.with_mask, self.max_label = with_mask, max_label
+        self.with_mask, self.lut = with_mask, lut  # lut: stored label -> seg class (None: the same)
 
     def __len__(self):
         return len(self.case_ids)
@@ -187,20 +238,20 @@ class CTDataset(torch.utils.data.Dataset):
             warnings.simplefilter("ignore", UserWarning)
             sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None]}
             if self.with_mask:
-                sample["mask"] = torch.from_numpy(read_window(mask, starts, self.crop_size, 0))
+                window = read_window(mask, starts, self.crop_size, 0)
+                sample["mask"] = torch.from_numpy(window if self.lut is None else self.lut[window])
         sample.update(label=torch.from_numpy(self.labels[index]), index=index)
         return sample
 
     def collate(self, samples):
         """Stack the samples (the one copy of each window); check the mask labels on the contiguous batch."""
         batch = torch.utils.data.default_collate(samples)
-        if self.with_mask and batch["mask"].max() > self.max_label:
-            index = int(batch["index"][batch["mask"].flatten(1).amax(1).argmax()])
-            where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
-            raise BadInput(
-                f"{where}: mask label {int(batch['mask'].max())} is outside this region's "
-                f"scheme 0..{self.max_label} (made for another --region?)"
+        if self.with_mask and self.lut is not None and batch["mask"].max() == structures.UNKNOWN:
+            index = int(
+                batch["index"][(batch["mask"] == structures.UNKNOWN).flatten(1).any(1).int().argmax()]
             )
+            where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
+            raise BadInput(f"{where}: a mask label that is not in the folder's label scheme ({prep.SCHEME})")
         return batch
 
 
@@ -224,9 +275,10 @@ class EpochSampler(torch.utils.data.Sampler):
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where a run's cases come from: the label files (data_path), make_masks.py's output (prep_dir), and how
-    splits are made. data_path None with dataset "synthetic": phantoms made in memory, synthetic_cases of
-    them per split (default synthetic.SYNTHETIC's sizes)."""
+    """Where a run's cases come from: the label files (data_path; a custom dataset's labels CSV),
+    make_masks.py's output (prep_dir), and how splits are made. data_path None with dataset "synthetic":
+    phantoms made in memory, synthetic_cases of them per split (default synthetic.SYNTHETIC's sizes).
+    split_file: where a custom dataset's drawn split is kept (the run folder's split.csv)."""
 
     dataset: str
     data_path: str | None
@@ -235,16 +287,32 @@ class Source:
     split_seed: int = 0
     skip_missing: bool = False
     synthetic_cases: tuple | None = None
+    labels: str | None = None
+    test_fraction: float | None = None
+    split_file: str | None = None
+
+
+def label_tables(source):
+    """{split: (case ids, labels, patients)} of a dataset on disk, a validation split held out if asked."""
+    if source.dataset == "custom":
+        return labels.custom_tables(source.labels, source.prep_dir, source.split_file, source.split_seed,
+                                    source.val_fraction, source.test_fraction)  # fmt: skip
+    tables = labels.tables(source.dataset, source.data_path, source.prep_dir, source.split_seed)
+    if source.val_fraction and "val" not in tables:
+        labels.hold_out(tables, source.val_fraction)
+    return tables
 
 
 def build_datasets(task, source, seed, with_mask):
-    """{split: CTDataset} of the task's dataset; with_mask: the samples carry the masks (--seg).
+    """{split: CTDataset} of the task's dataset; with_mask: the samples carry the masks (--seg), mapped from
+    the stored labels to the task's seg classes.
 
     The cases are the same with and without masks: with --skip-missing a case is kept when it has its CT and,
     if the prepared folder has a mask/ folder, its mask, whether or not this run reads masks."""
+    lut = stored_lut(task, source) if with_mask else None
 
     def make(cases, volumes, y, split, groups=None):
-        options = dict(with_mask=with_mask, max_label=len(task.structures), groups=groups)
+        options = dict(with_mask=with_mask, lut=lut, groups=groups)
         return CTDataset(cases, volumes, y, task.pad, task.crop, split == "train", seed, **options)
 
     if source.dataset == "synthetic" and not source.data_path:  # phantoms in memory, sized to the pad box
@@ -254,20 +322,18 @@ def build_datasets(task, source, seed, with_mask):
             for s, n in zip(("train", "val", "test"), sizes)
         }
     prep.check_prep_dir(source.prep_dir, source.data_path)
-    tables = labels.tables(source.dataset, source.data_path, source.prep_dir, source.split_seed)
-    if source.val_fraction and "val" not in tables:
-        labels.hold_out(tables, source.val_fraction)
+    tables = label_tables(source)
     has_masks = os.path.isdir(os.path.join(source.prep_dir, prep.MASK))
     require = (prep.CT, prep.MASK) if with_mask or (has_masks and source.skip_missing) else (prep.CT,)
-    splits, stamp = {}, prep.mask_stamp(task.region) if with_mask else None
+    splits, stamp = {}, task.scheme if with_mask else None
     for split, (cases, y, groups) in tables.items():
         volumes = StoredVolumes(source.prep_dir, cases, require, with_mask, source.skip_missing, stamp)
         if volumes.missing:
             print(f"{split}: skipped {len(volumes.missing)} case(s) without a CT or mask (the same with and "
                   "without --seg): " + ", ".join(volumes.missing))  # fmt: skip
         if not volumes.kept:
-            raise BadInput(f"the {split} split of {source.dataset} is empty (labels from {source.data_path}, "
-                           f"volumes from {source.prep_dir})")  # fmt: skip
+            raise BadInput(f"the {split} split of {source.dataset} is empty (labels from "
+                           f"{source.labels or source.data_path}, volumes in {source.prep_dir})")  # fmt: skip
         keep = volumes.kept
         splits[split] = make([cases[i] for i in keep], volumes, y[keep], split, [groups[i] for i in keep])
     return splits
@@ -295,11 +361,12 @@ def make_loader(dataset, train, batch_size, workers=0, seed=0, pin_memory=False)
 
 
 def centre_masks(dataset, limit=None):
-    """The centre-crop masks (D, H, W) uint8 of a CTDataset's cases (the evaluated crops' frame), evenly
-    spaced over the cases if there are more than `limit`."""
+    """The centre-crop masks (D, H, W) uint8 of a CTDataset's cases (the evaluated crops' frame) in its seg
+    classes, evenly spaced over the cases if there are more than `limit`."""
     n = len(dataset.case_ids)
     picks = range(n) if not limit or n <= limit else np.linspace(0, n - 1, limit).round().astype(int)
     for i in picks:
         mask = dataset.volumes[i][1]
         starts = window_start(mask.shape, dataset.pad_size, dataset.crop_size)
-        yield np.asarray(read_window(mask, starts, dataset.crop_size, 0))
+        window = np.asarray(read_window(mask, starts, dataset.crop_size, 0))
+        yield window if dataset.lut is None else dataset.lut[window]  # the seg classes, as the samples

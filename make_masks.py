@@ -1,25 +1,28 @@
-"""Preprocess CTs once and make their TotalSegmentator anatomy masks (paper §2.1).
+"""Preprocess CTs once and store what the segmenter says about their anatomy (paper §2.1).
 
-    python make_masks.py --src ct/ --dst prep/ --region chest               # runs TotalSegmentator --fast
-    python make_masks.py --src ct/ --dst prep/ --region chest --from-totalseg ts_seg/ts_total/
-    python make_masks.py --src ct/ --dst prep/ --region abdomen --shard 3/8   # 8 GPUs / a SLURM array
+    python make_masks.py --src ct/ --dst prep/                        # runs TotalSegmentator --fast
+    python make_masks.py --src ct/ --dst prep/ --from-totalseg ts_seg/ts_total/
+    python make_masks.py --src ct/ --dst prep/ --from-masks seg/ --label-map seg_labels.json   # any segmenter
+    python make_masks.py --src ct/ --dst prep/ --shard 3/8          # 8 GPUs / a SLURM array
 
 Every case found under --src (recursively; readers in ctkit/ct_io.py) is reoriented to RAS, resampled linearly
 onto a 1.5 x 1.5 x 3 mm grid, clipped to [-1000, 1000] HU and stored as <dst>/ct/<case>.nii (int16,
 uncompressed, so that training reads crops through a memory map). TotalSegmentator (task 'total', fast) then
-runs on that CT, and the region's structures are merged into <dst>/mask/<case>.nii (uint8, same grid, the
-region and label scheme in its NIfTI description; the folder's layout is defined in ctkit/prep.py):
-  chest:   1 lung_upper_lobe_left 2 lung_lower_lobe_left 3 lung_upper_lobe_right 4 lung_middle_lobe_right
-           5 lung_lower_lobe_right 6 heart
-  abdomen: 1 liver 2 spleen 3 kidney_left 4 kidney_right
-           5 bowel (esophagus, stomach, duodenum, small_bowel, colon)
-With --from-totalseg, existing TotalSegmentator multilabel files (same file name as the CT, on the CT's grid;
-for header-less .npz inputs, in the CT's orientation and shape) are resampled with nearest neighbour instead.
+runs on that CT and its whole label map (117 classes) is stored as <dst>/mask/<case>.nii (uint8, same grid,
+the scheme's stamp in its NIfTI description; <dst>/labels.json holds the id -> name table; the folder's
+layout is defined in ctkit/prep.py). Which structures a run learns is chosen when training
+(`train.py --structures`), without a new mask run.
+
+With --from-totalseg, existing TotalSegmentator multilabel files are taken instead; with --from-masks, the
+label maps of any segmenter, with --label-map FILE.json naming each id ({"1": "liver", ...}). Either kind has
+the CT's file name (case id) and lies on the CT's grid (for header-less .npz inputs: in the CT's orientation
+and shape); it is resampled with nearest neighbour.
 
 Quality control: <dst>/qc/<case>.json per case and <dst>/masks_summary.csv (structure volumes in ml, the
-scan's extent, missing / tiny / edge-touching structures), rewritten atomically as cases finish; --preview N
-writes <dst>/preview/<case>.png (three orthogonal slices with the mask) for N cases. Finished cases are
-skipped, files are written atomically, and unreadable inputs are reported at the end (exit status 1).
+scan's extent, missing / tiny / edge-touching structures; which structures: ctkit/mask_qc.py, --region
+narrows TotalSegmentator's to that region's), rewritten atomically as cases finish; --preview N writes
+<dst>/preview/<case>.png (three orthogonal slices with the mask) for N cases. Finished cases are skipped,
+files are written atomically, and unreadable inputs are reported at the end (exit status 1).
 """
 
 import argparse
@@ -31,6 +34,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -44,12 +48,14 @@ PREFETCH = 2  # cases read ahead of the network, and written behind it
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The command line, resolved once (the metadata CSVs are read by prepare)."""
+    """The command line, resolved once (the metadata CSVs and the label map are read by prepare).
+    from_masks: the folder of existing label maps (--from-totalseg or --from-masks), None to segment."""
 
     src: Path
     dst: Path
-    region: str
-    from_totalseg: Path | None
+    region: str | None
+    from_masks: Path | None
+    label_map: Path | None
     metadata: tuple
     exclude: tuple
     device: str
@@ -72,7 +78,7 @@ def find_cases(src, skip=(), exclude=()):
             kind = "nifti" if name.endswith((".nii", ".nii.gz")) else "npz" if name.endswith(".npz") else None
             if kind is None or excluded(root / name):
                 continue
-            case = name.split(".nii")[0] if kind == "nifti" else name[: -len(".npz")]
+            case = prep.case_id(root / name)
             if case in cases:
                 example = (root / name).relative_to(src).parent.as_posix()
                 raise BadInput(
@@ -83,7 +89,7 @@ def find_cases(src, skip=(), exclude=()):
             cases[case] = (kind, root / name)
         others = [name for name in files if not name.endswith((".nii", ".nii.gz", ".npz"))]
         if others and not excluded(root) and any(ct_io.is_dicom(root / name) for name in others):
-            case = f"{root.parent.name}_{root.name}"
+            case = prep.case_id(root)
             if case in cases:
                 raise BadInput(f"two inputs give case id {case}: {cases[case][1]} and {root}")
             cases[case] = ("dicom", root)
@@ -99,47 +105,54 @@ def in_shard(case, shard):
 # ----------------------------------------------------------------------------- one case
 
 
-def totalseg_map(case, kind, hu, affine, s, totalseg_files):
-    """An existing TotalSegmentator map of the case, as (labels, affine) on which it can be resampled."""
-    if case not in totalseg_files:
-        raise ValueError(f"no TotalSegmentator file named {case}.nii[.gz] under {s.from_totalseg}")
-    seg_img = nib.load(totalseg_files[case])
+def given_map(case, kind, hu, affine, s, map_files, table):
+    """An existing label map of the case, as (labels, affine) on which it can be resampled; every label must
+    be one of the scheme's."""
+    if case not in map_files:
+        raise ValueError(f"no label map named {case}.nii[.gz] under {s.from_masks}")
+    seg_img = nib.load(map_files[case])
+    values = np.unique(np.asanyarray(seg_img.dataobj))
+    unknown = [v for v in values.tolist() if v != 0 and int(v) not in table]
+    if unknown or values.min() < 0 or values.max() > 254:
+        shown = unknown[:5] or values.tolist()[:5]
+        raise ValueError(f"{map_files[case]}: labels {shown} are not in the scheme (--label-map)")
     seg = np.asanyarray(seg_img.dataobj).astype(np.uint8)
     if kind == "npz":  # no header: origin and spacing are arbitrary, orientation and shape must match
         try:
             return ct_io.reorient_like(seg, seg_img.affine, hu.shape, affine), affine
         except ValueError as error:
-            raise ValueError(f"{totalseg_files[case]}: {error}") from None
+            raise ValueError(f"{map_files[case]}: {error}") from None
     if not ct_io.same_voxels(seg_img.shape, seg_img.affine, hu.shape, affine):
         theirs, ours = np.round(seg_img.affine, 3).tolist(), np.round(affine, 3).tolist()
         raise ValueError(
-            f"{totalseg_files[case]}: its grid {seg_img.shape} {theirs} is not the CT's {hu.shape} {ours}"
+            f"{map_files[case]}: its grid {seg_img.shape} {theirs} is not the CT's {hu.shape} {ours}"
         )
     return seg, seg_img.affine
 
 
-def load(case, s, metadata, lut, totalseg_files, kind, path):
-    """The CPU work before the network (a reader thread): read and resample the CT, and with --from-totalseg
-    merge and resample its map. Returns (ct, affine, mask or None)."""
-    hu, affine = ct_io.read_case(kind, path, metadata)
+def load(case, s, inputs, kind, path):
+    """The CPU work before the network (a reader thread): read and resample the CT, and with an existing label
+    map resample that too. Returns (ct, affine, mask or None)."""
+    hu, affine = ct_io.read_case(kind, path, inputs.metadata)
     ct, out_affine = ct_io.preprocess_ct(hu, affine)
-    if not s.from_totalseg:
+    if not s.from_masks:
         return ct, out_affine, None
-    seg, seg_affine = totalseg_map(case, kind, hu, affine, s, totalseg_files)
-    return ct, out_affine, ct_io.resample(lut[seg], seg_affine, ct.shape, out_affine, 0, 0)
+    seg, seg_affine = given_map(case, kind, hu, affine, s, inputs.map_files, inputs.table)
+    return ct, out_affine, ct_io.resample(seg, seg_affine, ct.shape, out_affine, 0, 0)
 
 
-def save(case, ct, affine, mask, s):
+def save(case, ct, affine, mask, s, inputs):
     """The CPU work after it (a writer thread): the CT, its QC record, then the mask, whose presence (with the
-    region's stamp) marks the case as done (prep.write_case)."""
-    prep.write_case(s.dst, case, ct, affine, mask, s.region, mask_qc.case_row(case, mask, affine, s.region))
+    scheme's stamp) marks the case as done (prep.write_case)."""
+    qc = mask_qc.case_row(case, mask, affine, inputs.qc_groups)
+    prep.write_case(s.dst, case, ct, affine, mask, inputs.stamp, qc)
 
 
 def segmenter(s):
     """CT image -> TotalSegmentator's class ids: one predictor built once (--engine predictor, the default) or
     TotalSegmentator's own per-case call (--engine totalsegmentator, the reference); None with
     --from-totalseg."""
-    if s.from_totalseg:
+    if s.from_masks:
         return None
     if s.engine == "totalsegmentator":
         totalseg.disable_usage_stats()
@@ -164,7 +177,7 @@ def run_cases(todo, cases, s, inputs, progress):
             fail(case, error)
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        read = lambda case: reader.submit(load, case, s, *inputs, *cases[case])  # noqa: E731
+        read = lambda case: reader.submit(load, case, s, inputs, *cases[case])  # noqa: E731
         loads = deque((case, read(case)) for case in todo[:PREFETCH])
         for position, case in enumerate(todo):
             if position + PREFETCH < len(todo):
@@ -172,10 +185,8 @@ def run_cases(todo, cases, s, inputs, progress):
             try:
                 ct, affine, mask = loads.popleft()[1].result()
                 if mask is None:
-                    mask = inputs[1][
-                        np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)
-                    ]
-                writes.append((case, writer.submit(save, case, ct, affine, mask, s)))
+                    mask = np.asanyarray(segment(nib.Nifti1Image(ct, affine)).dataobj).astype(np.uint8)
+                writes.append((case, writer.submit(save, case, ct, affine, mask, s, inputs)))
             except (Exception, SystemExit) as error:  # TotalSegmentator exits on some inputs: a failed case
                 fail(case, error)
             while writes and (len(writes) > PREFETCH or writes[0][1].done()):
@@ -191,8 +202,10 @@ def get_args_parser():
     )
     parser.add_argument("--src", required=True, type=Path, help="folder searched recursively for CTs")
     parser.add_argument("--dst", required=True, type=Path, help="output folder (ct/, mask/, qc/)")
-    parser.add_argument("--region", required=True, choices=tuple(REGIONS))
+    parser.add_argument("--region", choices=tuple(REGIONS), help="QC and previews: this region's structures")
     parser.add_argument("--from-totalseg", type=Path, help="existing TotalSegmentator multilabel outputs")
+    parser.add_argument("--from-masks", type=Path, help="existing label maps of another segmenter")
+    parser.add_argument("--label-map", type=Path, help="with --from-masks: JSON {id: class name}")
     parser.add_argument(
         "--metadata", nargs="+", help="CT-RATE metadata CSV(s) for the original (not _fixed) files"
     )
@@ -205,37 +218,70 @@ def get_args_parser():
     return parser
 
 
+class Inputs(NamedTuple):
+    """What every case needs besides its CT: CT-RATE metadata rows, the existing label maps {case: path}, the
+    scheme {id: name}, its mask stamp and the structures QC reports."""
+
+    metadata: dict
+    map_files: dict
+    table: dict
+    stamp: str
+    qc_groups: dict
+
+
+def resolve(args):
+    """Settings from the command line; --from-totalseg is --from-masks with TotalSegmentator's scheme."""
+    if args.from_totalseg and args.from_masks:
+        raise BadInput("give --from-totalseg or --from-masks, not both")
+    if bool(args.from_masks) != bool(args.label_map):
+        raise BadInput("--from-masks needs --label-map FILE.json (and --label-map needs --from-masks)")
+    given = {k: v for k, v in vars(args).items() if k != "from_totalseg"}
+    given.update(from_masks=args.from_masks or args.from_totalseg, metadata=tuple(args.metadata or ()),
+                 exclude=tuple(args.exclude))  # fmt: skip
+    return Settings(**given)
+
+
 def prepare(s):
-    """The cases of this shard and what is needed to process them: (cases, mine, (metadata, lut,
-    TotalSegmentator files)); removes a killed run's temporary files."""
-    cases = find_cases(s.src, skip=(s.dst, s.from_totalseg), exclude=s.exclude)
+    """The cases of this shard and their Inputs; writes (or checks) <dst>/labels.json and removes a killed
+    run's temporary files."""
+    cases = find_cases(s.src, skip=(s.dst, s.from_masks), exclude=s.exclude)
     mine = sorted(c for c in cases if in_shard(c, s.shard))
     if not mine:
         raise BadInput(f"no CT found under {s.src} for shard {s.shard} (NIfTI, .npz or DICOM series folders)")
+    name, table = (
+        (s.label_map.stem, prep.read_label_map(s.label_map)) if s.label_map else prep.totalseg_scheme()
+    )
+    prep.write_scheme(s.dst, name, table)
     prep.remove_temporaries(s.dst, lambda case: in_shard(case, s.shard))  # a killed run's, this shard's cases
-    totalseg_files = {}
-    for path in sorted(s.from_totalseg.rglob("*.nii*")) if s.from_totalseg else ():
-        case = path.name.split(".nii")[0]
-        if case in totalseg_files:
-            raise BadInput(f"two TotalSegmentator maps for case {case}: {totalseg_files[case]} and {path}")
-        totalseg_files[case] = path
-    return cases, mine, (ct_io.load_metadata(s.metadata), prep.label_lut(s.region), totalseg_files)
+    map_files = {}
+    for path in sorted(s.from_masks.rglob("*.nii*")) if s.from_masks else ():
+        case = prep.case_id(path)
+        if case in map_files:
+            raise BadInput(f"two label maps for case {case}: {map_files[case]} and {path}")
+        map_files[case] = path
+    qc_groups = mask_qc.qc_structures(name, table, s.region)
+    return (
+        cases,
+        mine,
+        Inputs(ct_io.load_metadata(s.metadata), map_files, table, prep.mask_stamp(name, table), qc_groups),
+    )
 
 
 def main(args):
     from tqdm import tqdm  # the progress bar: only when masks are made
 
-    s = Settings(**{**vars(args), "metadata": tuple(args.metadata or ()), "exclude": tuple(args.exclude)})
-    source = f"the maps in {s.from_totalseg}" if s.from_totalseg else f"{s.engine} on {s.device}"
-    print(f"make_masks: {s.src} -> {s.dst}, region {s.region}, masks: {source}, shard {s.shard}")
+    s = resolve(args)
+    source = f"the maps in {s.from_masks}" if s.from_masks else f"TotalSegmentator ({s.engine}) on {s.device}"
+    print(f"make_masks: {s.src} -> {s.dst}, masks: {source}, shard {s.shard}")
     cases, mine, inputs = prepare(s)
-    todo = [c for c in mine if not prep.is_done(s.dst, c, s.region)]
+    todo = [c for c in mine if not prep.is_done(s.dst, c, inputs.stamp)]
     print(f"{len(cases)} cases under {s.src}; shard {s.shard}: {len(mine)}, {len(mine) - len(todo)} done")
     with tqdm(total=len(todo), unit="case") as progress:
         failures = run_cases(todo, cases, s, inputs, SummaryEvery(progress, s.dst))
     mask_qc.write_summary(s.dst)
-    for case in [c for c in mine if prep.is_done(s.dst, c, s.region)][: s.preview]:
-        mask_qc.write_preview(s.dst, case, s.region)
+    window = REGIONS[s.region]["window"] if s.region else (-1000, 400)
+    for case in [c for c in mine if prep.is_done(s.dst, c, inputs.stamp)][: s.preview]:
+        mask_qc.write_preview(s.dst, case, inputs.qc_groups, window)
     if failures:
         raise BadInput(f"{len(failures)} of {len(todo)} case(s) failed:\n  " + "\n  ".join(failures))
     print(f"done: {len(mine)} cases in {s.dst}; quality control in {s.dst / mask_qc.SUMMARY}")

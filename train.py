@@ -25,7 +25,7 @@ import torch
 
 import data
 import evaluate
-from ctkit import mask_qc, utils
+from ctkit import labels, mask_qc, utils
 from ctkit.labels import by_patient
 from ctkit.pretrained import load_pretrained
 from ctkit.utils import BadInput
@@ -36,13 +36,14 @@ TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"):
              ("abdomen", "r3d"): 1e-4, ("abdomen", "mvit"): 1e-5, ("abdomen", "swin"): 1e-5}
 TABLE4_BATCH = {("chest", "r3d"): 10, ("chest", "swin"): 6, ("chest", "mvit"): 4,
                 ("abdomen", "r3d"): 5, ("abdomen", "swin"): 2, ("abdomen", "mvit"): 2}
-TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6}  # synthetic: ours
+TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6, "custom": 100}  # last 2: ours
 # fmt: on
 EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
 # what a resumed run must share with its checkpoint, or its steps, crops and schedule would not line up
 # fmt: off
 RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
-                   "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases")
+                   "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases",
+                   "labels", "test_fraction")  # the structures are part of the task
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
          "seg_report_val.json", "seg_report_test.json", "sharpness.json")
@@ -51,16 +52,27 @@ STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="synthetic", choices=("synthetic", "ctrate", "radchest", "ratic"))
+    p.add_argument(
+        "--dataset", default="synthetic", choices=("synthetic", "ctrate", "radchest", "ratic", "custom")
+    )
     p.add_argument("--model", default="r3d", choices=ARCHS)
     p.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
     p.add_argument("--seg-weight", default=1.0, type=float, help="weight of the segmentation loss (paper: 1)")
     p.add_argument("--seg-chunk", default=0, type=int, help="seg loss N slices at a time: less memory")
     p.add_argument("--pretrained", nargs="?", const="download", metavar="PATH", help="Kinetics-400 weights")
+    p.add_argument("--structures", default="paper", metavar="SPEC",
+                   help="seg classes: paper, all, or names in the stored scheme (a=b+c merges)")  # fmt: skip
     p.add_argument("--data-path", help="dataset root holding the label files")
+    p.add_argument("--labels", help="--dataset custom: the labels CSV (case_id or path, findings 0/1)")
+    p.add_argument(
+        "--region", choices=("chest", "abdomen"), help="--dataset custom: window, crop, structures"
+    )
     p.add_argument("--prep-dir", help="make_masks.py output (ct/, mask/); default <data-path>/prep")
     p.add_argument("--skip-missing", action="store_true", help="skip (and list) labelled cases without files")
     p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of patients")
+    p.add_argument(
+        "--test-fraction", type=float, help="--dataset custom without a split column (default 0.2)"
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the RATIC patient split (drawn once)")
     p.add_argument("--output-dir", help="run folder (default runs/<dataset>_<model>[_seg][_pre]_s<seed>)")
     p.add_argument("--resume", nargs="?", const="auto", help="no value: <output-dir>/checkpoint.pth if any")
@@ -96,10 +108,14 @@ class Settings:
     seg_weight: float
     seg_chunk: int
     pretrained: str | None
+    structures: str
     data_path: str | None
+    labels: str | None
+    region: str | None
     prep_dir: str | None
     skip_missing: bool
     val_fraction: float
+    test_fraction: float | None
     split_seed: int
     output_dir: str
     resume: str | None
@@ -123,9 +139,11 @@ class Settings:
     synthetic_cases: tuple | None
 
     def source(self):
-        """Where the cases come from (data.Source)."""
+        """Where the cases come from (data.Source); a custom dataset's drawn split is kept with the run."""
+        split_file = os.path.join(self.output_dir, "split.csv") if self.dataset == "custom" else None
         return data.Source(self.dataset, self.data_path, self.prep_dir, self.val_fraction, self.split_seed,
-                           self.skip_missing, self.synthetic_cases)  # fmt: skip
+                           self.skip_missing, self.synthetic_cases, self.labels, self.test_fraction,
+                           split_file)  # fmt: skip
 
 
 def resolve(args, region, device):
@@ -135,12 +153,14 @@ def resolve(args, region, device):
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()}
     if args.dataset != "synthetic" and not args.data_path:
         raise BadInput(f"--dataset {args.dataset} needs --data-path (the folder holding its label files)")
+    if (args.dataset == "custom") != bool(args.labels):
+        raise BadInput("--dataset custom needs --labels FILE.csv, and --labels needs --dataset custom")
     if args.test_only and args.resume in (None, "auto") and not args.output_dir:
         raise BadInput("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
     notes, region_model = [], (region, args.model)
     for name, table, key in (("lr", TABLE4_LR, region_model), ("batch_size", TABLE4_BATCH, region_model),
                              ("epochs", TABLE4_EPOCHS, args.dataset)):  # fmt: skip
-        default = "this project's synthetic default" if key == "synthetic" else "Table 4"
+        default = f"this project's {key} default" if key in ("synthetic", "custom") else "Table 4"
         source = default if given[name] is None else f"given; {default}: {table[key]}"
         given[name] = table[key] if given[name] is None else given[name]
         notes.append(f"{name} {given[name]} ({source})")
@@ -269,6 +289,9 @@ def describe(s, task, splits, notes):
     print(f"{s.dataset} / {s.model} / {seg} segmentation supervision -> {s.output_dir}")
     print("  " + "\n  ".join(notes))
     print(f"  crop {task.crop} (D, H, W), HU window {task.window}, {len(task.classes)} classes")
+    if s.seg:
+        shown = ", ".join(task.structures[:8]) + (", ..." if len(task.structures) > 8 else "")
+        print(f"  structures ({s.structures}): {len(task.structures)} + background: {shown}")
     effective = f"{processes} process(es) x batch {s.batch_size} = {processes * s.batch_size}"
     print(f"  cases: {', '.join(f'{k} {len(v)}' for k, v in splits.items())}; effective batch: {effective}")
     if s.seg and s.data_path:  # make_masks.py's quality control of the masks this run reads
@@ -288,9 +311,12 @@ def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, s, task
 
 def prepare_run(args, device):
     """(Settings, Task, {split: dataset}); rank 0 writes config.json and prints what the run uses."""
-    task = data.make_task(args.dataset, args.crop, args.pad)
-    s, notes = resolve(args, task.region, device)
+    region = data.region_of(args.dataset, args.region)
+    s, notes = resolve(args, region, device)
     try:
+        classes = labels.custom_classes(s.labels) if s.dataset == "custom" else None
+        anatomy = data.anatomy(s.structures, s.source(), region, with_mask=s.seg)
+        task = data.make_task(s.dataset, s.crop, s.pad, region, classes, anatomy)
         splits = data.build_datasets(task, s.source(), s.seed, with_mask=s.seg)
     except (OSError, BadInput) as error:
         raise BadInput(f"cannot build the {s.dataset} dataset: {error}") from None

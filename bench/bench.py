@@ -302,6 +302,58 @@ def bench_data_wait(device, steps, workers, tiny=False):
     return wait / total
 
 
+def structures_worker(classes, steps, crop, batch, chunk):
+    """One configuration in this (fresh) process: median step seconds and the peak resident memory the
+    steps added over the built model (MiB), printed as one line for bench_structures."""
+    import resource
+
+    torch.manual_seed(0)
+    task = data.make_task("ctrate", crop)
+    task = dataclasses.replace(task, structures=tuple(f"class_{i}" for i in range(classes)))
+    model = build_model("r3d", task, seg=True).train()
+    objective, optimizer = Objective(model, task.kind, seg_chunk=chunk), torch.optim.AdamW(model.parameters())
+    x, labels = torch.randn(batch, 1, *crop), torch.randint(0, 2, (batch, len(task.classes))).float()
+    mask = torch.randint(0, classes + 1, (batch, *crop), dtype=torch.uint8)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        train_step(objective, optimizer, x, labels, mask)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    print(f"{statistics.median(times[1:])} {peak}")
+
+
+def bench_structures(repeats, crop=(32, 64, 64), batch=2):
+    """--structures all (117 classes + background) against paper (6 + background): R3D-18 training steps on
+    CPU, each configuration in its own process (so that each peak memory is its own), interleaved."""
+    import subprocess
+
+    print(f"--structures all vs paper on CPU, r3d, crop {crop}, batch {batch}, {repeats} processes each:")
+    configs = {"paper": (6, 0), "all": (117, 0), "all, --seg-chunk 8": (117, 8)}
+    results = {name: [] for name in configs}
+    for _ in range(repeats):
+        for name, (classes, chunk) in configs.items():
+            command = [
+                sys.executable,
+                __file__,
+                "--structures-worker",
+                str(classes),
+                str(chunk),
+                *map(str, crop),
+            ]
+            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout.split()
+            results[name].append([float(v) for v in out[-2:]])
+    paper = np.median(results["paper"], 0)
+    ratios = {}
+    for name, values in results.items():
+        t, m = np.median(values, 0)
+        ratios[name] = (t / paper[0], m / paper[1])
+        print(f"  {name:<20} step {t:.3f} s ({t / paper[0]:.2f}x paper), peak memory added by the steps "
+              f"{m:.0f} MiB ({m / paper[1]:.2f}x)")  # fmt: skip
+    return ratios
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
@@ -310,7 +362,11 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="small sizes (checks the GPU code path on a CPU)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seg-chunk", type=int, default=8, help="--gpu: the chunked seg loss, N slices")
+    parser.add_argument("--structures-worker", type=int, nargs=5, help=argparse.SUPPRESS)  # bench_structures
     args = parser.parse_args()
+    if args.structures_worker:
+        classes, chunk, *crop = args.structures_worker
+        return structures_worker(classes, 3, tuple(crop), 2, chunk)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
     if args.gpu:
@@ -319,6 +375,7 @@ def main():
         return
     bench_data_path(args.repeats)
     bench_seg_overhead(max(5, args.repeats // 3))
+    bench_structures(max(3, args.repeats // 10))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ files a run writes (true and predicted labels per case) are read and written her
 import csv
 import os
 import zlib
+from pathlib import Path
 
 import numpy as np
 
-from ctkit import utils
+from ctkit import prep, utils
 from ctkit.utils import BadInput, read_csv
 
 # fmt: off
@@ -103,8 +104,9 @@ def radchest_tables(root):
     return tables
 
 
-def ratic_split(patients, split_file, seed):
-    """{patient: "train" | "test"}: 2,500 / 647 at random, drawn once, saved to `split_file` and reused."""
+def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0):
+    """{patient: "train" | "val" | "test"}: drawn once at random (seeded), saved to `split_file` and reused;
+    never one patient in two splits."""
     if os.path.exists(split_file):
         split_of = {r["patient_id"]: r["split"] for r in read_csv(split_file, ["patient_id", "split"])}
         if set(split_of) != set(patients):
@@ -113,8 +115,11 @@ def ratic_split(patients, split_file, seed):
             )
         return split_of
     order = np.random.default_rng(seed).permutation(sorted(patients))
-    n_test = round(len(order) * RATIC_SPLIT[1] / sum(RATIC_SPLIT))
-    split_of = {p: "test" if i < n_test else "train" for i, p in enumerate(order)}
+    n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
+    split_of = {
+        p: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, p in enumerate(order)
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
     utils.write_csv(split_file, ["patient_id", "split"], sorted(split_of.items()))
     return split_of
 
@@ -127,7 +132,7 @@ def ratic_tables(root, split_file, seed=0):
     unknown = [s["patient_id"] for s in series if s["patient_id"] not in patients]
     if unknown:
         raise BadInput(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
-    split_of = ratic_split(patients, split_file, seed)
+    split_of = patient_split(patients, split_file, seed, RATIC_SPLIT[1] / sum(RATIC_SPLIT))  # 2,500 / 647
     tables = {}
     for split in ("train", "test"):
         chosen = [s for s in series if split_of[s["patient_id"]] == split]
@@ -146,6 +151,72 @@ def synthetic_tables(root):
         chosen = [r for r in rows if r["split"] == split]
         ids = [r["case_id"] for r in chosen]
         tables[split] = (ids, label_matrix(chosen, SYNTHETIC_CLASSES, path), ids)
+    return tables
+
+
+CUSTOM_ID_COLUMNS = ("case_id", "path", "patient_id", "split")  # the other columns of a labels CSV: findings
+
+
+def custom_classes(path):
+    """The finding columns of a labels CSV (--dataset custom), in the file's order."""
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    classes = tuple(c for c in header if c not in CUSTOM_ID_COLUMNS)
+    if not classes:
+        raise BadInput(f"{path}: no finding columns (every column but {', '.join(CUSTOM_ID_COLUMNS)} is one)")
+    if "case_id" not in header and "path" not in header:
+        raise BadInput(f"{path}: needs a case_id column (make_masks.py's ids) or a path column (CT file or "
+                       "DICOM series folder, relative to the CSV's folder)")  # fmt: skip
+    return classes
+
+
+def custom_case(row, number, path):
+    """The case id of a labels CSV row: its case_id, or the id make_masks.py gives its path."""
+    if row.get("case_id"):
+        return row["case_id"]
+    target = os.path.join(os.path.dirname(os.path.abspath(path)), row.get("path") or "")
+    if not row.get("path") or not os.path.exists(target):
+        raise BadInput(f"{path} row {number} column path: {row.get('path')!r} is not a file or folder below "
+                       f"{os.path.dirname(os.path.abspath(path))}")  # fmt: skip
+    return prep.case_id(Path(target.rstrip("/")))
+
+
+def custom_label(value, number, column, path):
+    if value.strip() not in ("0", "1", "0.0", "1.0"):
+        raise BadInput(f"{path} row {number} column {column}: {value!r} is not 0 or 1")
+    return float(value)
+
+
+def custom_tables(path, prep_dir, split_file, seed=0, val_fraction=0.0, test_fraction=None):
+    """A labels CSV (--dataset custom): {split: (case ids, labels, patients)}. Rows are numbered as a
+    spreadsheet shows them (the header is row 1). Without a split column the patients are split at random
+    (test_fraction, default 0.2; val_fraction) and the split is kept in split_file."""
+    classes, rows = custom_classes(path), read_csv(path, [])
+    cases, seen, values, patients, given = [], {}, [], [], []
+    for number, row in enumerate(rows, start=2):
+        case = custom_case(row, number, path)
+        if case in seen:
+            raise BadInput(f"{path} rows {seen[case]} and {number}: case {case} twice")
+        seen[case] = number
+        cases.append(case)
+        values.append([custom_label(row[c] or "", number, c, path) for c in classes])
+        patients.append(row.get("patient_id") or case)
+        given.append(row.get("split"))
+        if given[-1] is not None and given[-1] not in ("train", "val", "test"):
+            raise BadInput(f"{path} row {number} column split: {given[-1]!r} is not train, val or test")
+    if "split" not in (rows[0] if rows else {}):
+        fraction = 0.2 if test_fraction is None else test_fraction
+        split_of = patient_split(set(patients), split_file, seed, fraction, val_fraction)
+        given = [split_of[p] for p in patients]
+    y, tables = np.array(values, np.float32).reshape(len(cases), len(classes)), {}
+    for split in ("train", "val", "test"):
+        pick = [i for i, g in enumerate(given) if g == split]
+        if pick or split != "val":
+            tables[split] = ([cases[i] for i in pick], y[pick], [patients[i] for i in pick])
+    single = [c for k, c in enumerate(classes) if len(np.unique(tables["train"][1][:, k])) < 2]
+    if single:
+        print(f"warning: {path}: column(s) {', '.join(single)} have a single value in the training split "
+              "(evaluated as skipped classes)")  # fmt: skip
     return tables
 
 

@@ -1,13 +1,16 @@
 """The prepared folder: what make_masks.py writes, defined where it is written, and checked before training.
 
+    <prep>/labels.json       the label scheme of the masks: {"scheme": name, "labels": {id: class name}}
     <prep>/ct/<case>.nii     int16 HU on the RAS 1.5 x 1.5 x 3 mm grid (uncompressed: training memory-maps it)
     <prep>/qc/<case>.json    the case's quality-control record (mask_qc.case_row)
-    <prep>/mask/<case>.nii   uint8 labels of the region (regions.REGIONS), same grid, MASK_STAMP in its header
+    <prep>/mask/<case>.nii   uint8: what the segmenter said (TotalSegmentator's whole 'total' map, or another
+                             segmenter's labels), same grid, the scheme's stamp in its NIfTI description
     <prep>/masks_summary.csv the QC records of all cases (mask_qc.write_summary)
 
-`write_case` writes a case in that order, each file atomically: a mask, with its region's stamp, marks a case
-as done (`is_done`). Training reads the files through `nifti_layout` and refuses what it could not read as
-written here (`check_layouts`, `check_prep_dir`).
+The run chooses which labels it learns when it reads them (ctkit/structures.py), so changing the structure set
+needs no new mask run. `write_case` writes a case in the order above, each file atomically: a mask with the
+scheme's stamp marks a case as done (`is_done`). Training reads the files through `nifti_layout` and refuses
+what it could not read as written here (`read_scheme`, `check_layouts`, `check_prep_dir`).
 """
 
 import json
@@ -19,55 +22,100 @@ import nibabel as nib
 import numpy as np
 
 from ctkit import ct_io, utils
-from ctkit.regions import MERGED, REGIONS
 from ctkit.utils import BadInput
 
 CT, MASK, QC = "ct", "mask", "qc"  # the sub-folders
+SCHEME = "labels.json"
+TOTALSEG = "totalseg_total"  # TotalSegmentator's 'total' task: its class_map["total"]
+OLD_PREP = (
+    "made by an older make_masks.py, which merged each region's structures into the mask; rerun "
+    "make_masks.py into a new --dst (with --from-totalseg if you kept TotalSegmentator's outputs)"
+)
 
 
 def case_path(prep_dir, sub, case):
     return os.path.join(prep_dir, sub, f"{case}.nii" if sub != QC else f"{case}.json")
 
 
-def mask_stamp(region):
-    """Written into every mask's NIfTI description and checked for every case at training: the region and a
-    checksum of its label scheme (masks of the other region share labels 1-5)."""
-    scheme = ",".join(REGIONS[region]["structures"])
-    return f"make_masks region={region} labels={zlib.crc32(scheme.encode()):08x}"
+def case_id(path):
+    """The case id of an input (make_masks.py's file names, and labels CSVs' `path` column): a NIfTI file's
+    name without .nii[.gz], a .npz file's stem, a DICOM series folder's '<parent>_<folder>'."""
+    path = Path(path)
+    if path.name.endswith((".nii", ".nii.gz")):
+        return path.name.split(".nii")[0]
+    if path.suffix == ".npz":
+        return path.stem
+    return f"{path.parent.name}_{path.name}"
 
 
-def label_lut(region):
-    """TotalSegmentator class id -> the region's label (0 elsewhere), from TotalSegmentator's class map."""
-    # a heavy optional dependency: imported only where masks are made
+def totalseg_scheme():
+    """(TOTALSEG, {id: name}) from TotalSegmentator's own class map."""
+    # a heavy optional dependency: imported only where its scheme is needed
     from totalsegmentator.map_to_binary import class_map
 
-    ids = {name: i for i, name in class_map["total"].items()}
-    lut = np.zeros(256, np.uint8)
-    for label, structure in enumerate(REGIONS[region]["structures"], start=1):
-        for name in MERGED.get(structure, (structure,)):
-            lut[ids[name]] = label
-    return lut
+    return TOTALSEG, {int(i): name for i, name in class_map["total"].items()}
 
 
-def write_case(prep_dir, case, ct, affine, mask, region, qc_record):
-    """The CT, its QC record, then the mask (written last, with the region's stamp: the case is done)."""
+def mask_stamp(name, table):
+    """Written into every mask's NIfTI description and checked for every case at training: the scheme's name
+    and a checksum of its id -> name table."""
+    text = ",".join(f"{i}:{table[i]}" for i in sorted(table, key=int))
+    return f"make_masks scheme={name} labels={zlib.crc32(text.encode()):08x}"
+
+
+def read_label_map(path):
+    """{id: name} of a label-map JSON ({"1": "liver", ...} or {"labels": {...}}): ids 1..254, names unique."""
+    try:
+        raw = json.loads(Path(path).read_text())
+        raw = raw.get("labels", raw)
+        table = {int(i): str(name) for i, name in raw.items()}
+    except (OSError, ValueError, AttributeError) as error:
+        raise BadInput(f"{path}: not a label map {{id: name}} ({error})") from None
+    if not table or not all(0 < i < 255 for i in table) or len(set(table.values())) < len(table):
+        raise BadInput(f"{path}: label ids must be 1..254 (0 is background) and each name must appear once")
+    return table
+
+
+def write_scheme(prep_dir, name, table):
+    """<prep>/labels.json, or check that the one there is this scheme: one prepared folder, one scheme."""
+    path = os.path.join(prep_dir, SCHEME)
+    if os.path.exists(path):
+        found = read_scheme(prep_dir)
+        if found[2] != mask_stamp(name, table):
+            raise BadInput(f"{path}: this folder holds masks of scheme {found[0]!r}, this run makes "
+                           f"{name!r}; use another --dst")  # fmt: skip
+        return
+    os.makedirs(prep_dir, exist_ok=True)
+    utils.write_json(path, {"scheme": name, "labels": {str(i): table[i] for i in sorted(table)}})
+
+
+def read_scheme(prep_dir):
+    """(name, {id: name}, stamp) of a prepared folder's masks."""
+    path = os.path.join(prep_dir, SCHEME)
+    if not os.path.exists(path):
+        raise BadInput(f"{path} is missing: {prep_dir} was {OLD_PREP}")
+    saved = utils.read_json(path)
+    table = {int(i): n for i, n in saved["labels"].items()}
+    return saved["scheme"], table, mask_stamp(saved["scheme"], table)
+
+
+def write_case(prep_dir, case, ct, affine, mask, stamp, qc_record):
+    """The CT, its QC record, then the mask (written last, with the scheme's stamp: the case is done)."""
     ct_io.save_nifti(ct, affine, case_path(prep_dir, CT, case))
     with utils.atomic_path(case_path(prep_dir, QC, case)) as tmp:
         Path(tmp).write_text(json.dumps(qc_record))
-    ct_io.save_nifti(mask, affine, case_path(prep_dir, MASK, case), mask_stamp(region))
+    ct_io.save_nifti(mask, affine, case_path(prep_dir, MASK, case), stamp)
 
 
-def is_done(prep_dir, case, region):
-    """CT, QC record and mask exist, are complete, share one grid and the mask has this region's stamp. A mask
-    stamped for the other region is refused: one prep folder holds one region."""
-    stamp = mask_stamp(region)
+def is_done(prep_dir, case, stamp):
+    """CT, QC record and mask exist, are complete, share one grid and the mask has this scheme's stamp. A mask
+    made by an older make_masks.py (a region stamp) is refused: that folder needs a new --dst."""
     try:
         ct, mask = (nifti_layout(case_path(prep_dir, sub, case)) for sub in (CT, MASK))
     except (OSError, ValueError):
         return False
-    if mask["description"] not in (stamp, "") and mask["description"].startswith("make_masks region="):
-        raise BadInput(f"{case_path(prep_dir, MASK, case)} is {mask['description']!r}, this run {stamp!r}: "
-                       "one --dst holds the masks of one region; use another --dst")  # fmt: skip
+    if mask["description"].startswith("make_masks region="):
+        raise BadInput(f"{case_path(prep_dir, MASK, case)}: {mask['description']!r}, {OLD_PREP}")
     same_grid = ct["shape"] == mask["shape"] and np.allclose(ct["affine"], mask["affine"], atol=1e-4)
     return same_grid and mask["description"] == stamp and os.path.exists(case_path(prep_dir, QC, case))
 
@@ -111,7 +159,7 @@ def nifti_layout(path):
 
 
 def check_layouts(paths, layouts, stamp=None):
-    """A case's stored CT (and mask): the data types written here, one grid, the mask made for this region."""
+    """A case's stored CT (and mask): the data types written here, one grid, a mask of the folder's scheme."""
     for path, layout, dtype in zip(paths, layouts, (np.int16, np.uint8)):
         if layout["dtype"] != dtype:
             raise BadInput(f"{path}: data type {layout['dtype']}, expected {np.dtype(dtype)} (make_masks.py)")
@@ -122,9 +170,11 @@ def check_layouts(paths, layouts, stamp=None):
         raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
                        "(shape or affine)")  # fmt: skip
     if stamp is not None and mask["description"] != stamp:
-        found = mask["description"] or "no region stamp (made by an older make_masks.py?)"
-        raise BadInput(f"{mask_path}: {found!r}, this run needs {stamp!r}: rerun make_masks.py with the "
-                       "right --region for these cases (a rerun redoes masks of another scheme)")  # fmt: skip
+        if mask["description"].startswith("make_masks region="):
+            raise BadInput(f"{mask_path}: {mask['description']!r}, {OLD_PREP}")
+        found = mask["description"] or "no scheme stamp"
+        raise BadInput(f"{mask_path}: {found!r}, but the folder's {SCHEME} says {stamp!r}: a mask of "
+                       "another scheme (copied from another folder?); rerun make_masks.py on it")  # fmt: skip
 
 
 def check_prep_dir(prep_dir, data_path):

@@ -25,3 +25,9 @@ def test_bench_gpu_code_path_runs_on_cpu(capsys):
     out = capsys.readouterr().out
     assert "w/ / plain: step time" in out and "w/ chunk 8 / plain: step time" in out and "data wait" in out
     assert "117 classes" in out and "117, chunk 8" in out
+
+
+def test_bench_structures_runs(capsys):
+    ratios = bench.bench_structures(repeats=1, crop=(16, 32, 32))
+    assert set(ratios) == {"paper", "all", "all, --seg-chunk 8"} and ratios["paper"] == (1.0, 1.0)
+    assert "peak memory added by the steps" in capsys.readouterr().out

@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import model
-from ctkit import ct_io, labels, synthetic
-from helpers import make_masks_cli, train_cli
+from ctkit import ct_io, labels, prep
+from helpers import make_masks_cli, phantom, train_cli, write_dicom_series
 
-TS_IDS = {1: 10, 2: 11, 3: 12, 4: 13, 5: 14, 6: 51}  # chest label -> TotalSegmentator 'total' id
 CTCLIP_ORDER = [  # the order of the columns in the distributed CSV (not the report order)
     "Medical material",
     "Arterial wall calcification",
@@ -56,15 +55,6 @@ RATIC_TRAIN_CSV = [
     "spleen_high",
     "any_injury",
 ]
-
-
-def phantom(i, split="train"):
-    """(ct, totalseg ids) as NIfTI-ordered (x, y, z) arrays of a small synthetic chest."""
-    ct, mask, *_ = synthetic.make_phantom(np.random.default_rng([7, i, len(split)]), (24, 40, 40))
-    ts = np.zeros_like(mask)
-    for label, ts_id in TS_IDS.items():
-        ts[mask == label] = ts_id
-    return ct.transpose(2, 1, 0), ts.transpose(2, 1, 0)
 
 
 def write_csv(path, header, rows):
@@ -245,11 +235,16 @@ def test_radchest_map_in_another_orientation_is_refused(radchest, tmp_path):
         run_make_masks(radchest, tmp_path / "prep2", "chest", ts_dir)
 
 
-def test_masks_of_the_other_region_are_refused_before_training(radchest, tmp_path):
-    """Abdomen labels 1-5 fit inside the chest scheme 0-6: only the mask's stamp tells them apart."""
-    run_make_masks(radchest, tmp_path / "prep_abdomen", "abdomen", tmp_path / "rad_totalseg")
-    with pytest.raises(SystemExit, match=r"prep_abdomen/mask/\w+.nii: 'make_masks region=abdomen"):
-        run_train("radchest", radchest, tmp_path / "run", "--prep-dir", tmp_path / "prep_abdomen")
+def test_a_mask_of_another_scheme_is_refused_before_training(radchest, tmp_path):
+    """A mask copied in from a folder made with another segmenter's scheme: only its stamp tells."""
+    mask_path = next((radchest / "prep" / "mask").glob("[!.]*.nii"))
+    img = nib.load(mask_path)
+    other = prep.mask_stamp("other", {1: "liver", 2: "spleen"})
+    ct_io.save_nifti(np.asarray(img.dataobj), img.affine, mask_path, other)
+    with pytest.raises(
+        SystemExit, match=rf"{mask_path.name}: 'make_masks scheme=other.*a mask of another scheme"
+    ):
+        run_train("radchest", radchest, tmp_path / "run")
     assert not (tmp_path / "run" / "iterations.csv").exists()
 
 
@@ -261,44 +256,6 @@ def test_data_path_one_level_too_high_names_the_folders(radchest, ratic, tmp_pat
     with pytest.raises(SystemExit, match=r"rsna-2023-abdominal-trauma-detection/prep \(--prep-dir"):
         run_train("ratic", ratic.parent, tmp_path / "run")
     assert not list(tmp_path.rglob("ratic_split.csv")), "nothing is written before the inputs are validated"
-
-
-def write_dicom_series(folder, volume, position, signed_12_bit):
-    """One slice file per z of an (x, y, z) HU volume: axial, LPS, 1.5 mm pixels, 3 mm apart; file names out
-    of order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
-
-    folder.mkdir(parents=True)
-    series = generate_uid()
-    for k in range(volume.shape[2]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.SeriesInstanceUID, ds.Modality = series, "CT"
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [position[0], position[1], position[2] + 3.0 * k]
-        ds.PixelSpacing, ds.SliceThickness = [1.5, 1.5], 3.0
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[0]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.BitsAllocated, ds.HighBit = (
-            1,
-            "MONOCHROME2",
-            16,
-            11,
-        )
-        pixels = volume[::-1, ::-1, k].T  # LPS rows/columns of a RAS (x, y, z) volume
-        if signed_12_bit:  # RescaleIntercept 0 and negative values in 12-bit two's complement
-            ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept = 12, 1, 0
-            ds.PixelData = (pixels.astype(np.int32) & 0x0FFF).astype(np.uint16).tobytes()
-        else:
-            ds.BitsStored, ds.PixelRepresentation, ds.RescaleIntercept = 16, 0, -1024
-            ds.PixelData = (pixels.astype(np.int32) + 1024).astype(np.uint16).tobytes()
-        ds.RescaleSlope = 1
-        if signed_12_bit:
-            ds.compress(RLELossless)  # RSNA re-encoded every series as RLE lossless
-        ds.save_as(folder / f"{(k * 7) % volume.shape[2] + 1}.dcm", enforce_file_format=True)
 
 
 @pytest.fixture

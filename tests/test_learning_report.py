@@ -21,7 +21,7 @@ def dataset_of(masks):
     volumes = [(np.zeros(shape, np.int16), m) for m in masks]
     labels = np.zeros((len(masks), 1), np.float32)
     ids = [f"c{i}" for i in range(len(masks))]
-    return data.CTDataset(ids, volumes, labels, shape, shape, train=False, with_mask=True, max_label=2)
+    return data.CTDataset(ids, volumes, labels, shape, shape, train=False, with_mask=True)
 
 
 def masks_of(n, shape=(4, 6, 6), seed=0):

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import make_masks
-from ctkit import ct_io, mask_qc, prep, synthetic
-from ctkit.regions import REGIONS
+from ctkit import ct_io, mask_qc, prep, structures, synthetic
+from ctkit.regions import MERGED, REGIONS
 from helpers import EXAMPLE, make_masks_cli, train_cli
 from totalseg_standin import make_standin
 
@@ -29,7 +29,24 @@ pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator e
 # example_seg_fast.nii.gz, from its README: liver 39350, spleen 9630, kidney_left 3676, kidney_right 3996,
 # bowel = stomach 4748 + duodenum 1018 + small_bowel 991 + colon 12772 + esophagus 0
 REFERENCE_COUNTS = {1: 39350, 2: 9630, 3: 3676, 4: 3996, 5: 4748 + 1018 + 991 + 12772}
-STAMP = prep.mask_stamp("abdomen")
+SCHEME, TABLE = prep.totalseg_scheme()
+STAMP = prep.mask_stamp(SCHEME, TABLE)
+
+
+def old_merge(region):
+    """The merge the masks had before they stored TotalSegmentator's whole map: TotalSegmentator id -> the
+    region's label 1..n (bowel = its five parts), written out again from TotalSegmentator's class map."""
+    ids = {name: i for i, name in TABLE.items()}
+    lut = np.zeros(256, np.uint8)
+    for label, structure in enumerate(REGIONS[region]["structures"], start=1):
+        for name in MERGED.get(structure, (structure,)):
+            lut[ids[name]] = label
+    return lut
+
+
+def paper(region):
+    """The lookup table of --structures paper on TotalSegmentator's scheme."""
+    return structures.lookup_table(structures.parse("paper", TABLE, region)[1], TABLE)
 
 
 def run(src, dst, region="abdomen", *extra):
@@ -55,11 +72,13 @@ def run_example(example_case, out="out", *extra):
     run(example_case / "src", example_case / out, "abdomen", "--from-totalseg", example_case / "ts", *extra)
 
 
-def test_merged_labels_equal_reference_class_sums():
+def test_paper_structures_give_the_old_merge_and_the_reference_class_sums():
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_fast.nii.gz").dataobj)
-    counts = np.bincount(prep.label_lut("abdomen")[seg].ravel(), minlength=6)
+    for region in REGIONS:
+        np.testing.assert_array_equal(paper(region)[seg], old_merge(region)[seg])
+    counts = np.bincount(paper("abdomen")[seg].ravel(), minlength=6)
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == REFERENCE_COUNTS
-    chest = prep.label_lut("chest")[seg]  # lung bases only: 265 LUL... and no heart in this volume
+    chest = paper("chest")[seg]  # lung bases only: 265 LUL... and no heart in this volume
     assert np.count_nonzero(chest == 1) == 265 and np.count_nonzero(chest == 2) == 1254
     assert np.count_nonzero(chest == 5) == 2579 and np.count_nonzero(chest == 6) == 0
 
@@ -73,9 +92,10 @@ def test_from_totalseg_on_the_example(example_case):
     np.testing.assert_allclose(ct_affine, source.affine @ np.diag([0.5, 0.5, 1, 1]), atol=1e-4)
     # trilinear resampling keeps the original samples exactly where the grids coincide
     np.testing.assert_array_equal(ct[::2, ::2], np.clip(source.get_fdata(), -1000, 1000))
-    counts = np.bincount(mask.ravel(), minlength=6)
+    counts = np.bincount(paper("abdomen")[mask].ravel(), minlength=6)  # the stored map: all 117 classes
     assert {k: int(counts[k]) for k in REFERENCE_COUNTS} == {k: 4 * v for k, v in REFERENCE_COUNTS.items()}
     assert prep.nifti_layout(example_case / "out" / "mask" / "example.nii")["description"] == STAMP
+    assert prep.read_scheme(example_case / "out") == (SCHEME, TABLE, STAMP)
 
 
 def test_quality_control_summary_and_preview(example_case):
@@ -90,8 +110,10 @@ def test_quality_control_summary_and_preview(example_case):
     assert "liver" in row["edge"].split(";")  # a 30-slice excerpt of a scan cuts through the liver
     assert (example_case / "out" / "preview" / "example.png").stat().st_size > 20_000
     mask = np.asarray(nib.load(example_case / "out" / "mask" / "example.nii").dataobj)
-    mask[mask == 2] = 0  # no spleen: reported as missing
-    qc = mask_qc.case_row("x", mask, np.diag([1.5, 1.5, 3.0, 1]), "abdomen")
+    mask[mask == 1] = 0  # no spleen (TotalSegmentator's class 1): reported as missing
+    qc = mask_qc.case_row(
+        "x", mask, np.diag([1.5, 1.5, 3.0, 1]), mask_qc.qc_structures(SCHEME, TABLE, "abdomen")
+    )
     assert qc["missing"] == "spleen" and qc["spleen_ml"] == 0
 
 
@@ -126,8 +148,8 @@ def test_dicom_through_make_masks_with_existing_totalseg(tmp_path):
     ct, mask, affine, _ = stored(tmp_path / "out", "patient7_series3")
     assert ct.shape == mask.shape and np.allclose(np.diag(affine)[:3], [1.5, 1.5, 3.0])
     seg = np.asarray(nib.load(EXAMPLE / "example_seg_dicom.nii.gz").dataobj)
-    before = np.bincount(prep.label_lut("abdomen")[seg].ravel(), minlength=6)[1:]
-    after = np.bincount(mask.ravel(), minlength=6)[1:]
+    before = np.bincount(old_merge("abdomen")[seg].ravel(), minlength=6)[1:]
+    after = np.bincount(paper("abdomen")[mask].ravel(), minlength=6)[1:]
     volume_ratio = (0.9765625**2 * 2.0) / (1.5 * 1.5 * 3.0)  # voxel volume before / after
     for b, a in zip(before, after):  # same organ volumes in mm^3, up to nearest-neighbour sampling
         assert b == a == 0 or abs(a / (b * volume_ratio) - 1) < 0.1, (before, after)
@@ -245,7 +267,7 @@ def test_inputs_are_searched_without_the_maps_and_with_exclusions(example_case):
     root = example_case / "src"
     shutil.move(example_case / "ts", root / "segmentations")  # the maps under --src
     run(root, example_case / "out", "abdomen", "--from-totalseg", root / "segmentations")
-    assert prep.is_done(example_case / "out", "example", "abdomen")
+    assert prep.is_done(example_case / "out", "example", STAMP)
     (root / "other_maps").mkdir()
     shutil.copy(EXAMPLE / "example_seg_fast.nii.gz", root / "other_maps" / "example.nii.gz")
     with pytest.raises(SystemExit, match=r"two inputs give case id example: .* --exclude 'other_maps/\*'"):
@@ -259,13 +281,25 @@ def test_inputs_are_searched_without_the_maps_and_with_exclusions(example_case):
         "--exclude",
         "other_maps/*",
     )
-    assert prep.is_done(example_case / "out2", "example", "abdomen")
+    assert prep.is_done(example_case / "out2", "example", STAMP)
 
 
-def test_one_prep_folder_holds_one_region(example_case):
+def test_one_prep_folder_holds_one_scheme_and_old_preps_are_refused(example_case, tmp_path):
     run_example(example_case)
-    with pytest.raises(SystemExit, match=r"example.nii is 'make_masks region=abdomen.*use another --dst"):
-        run(example_case / "src", example_case / "out", "chest", "--from-totalseg", example_case / "ts")
+    (tmp_path / "ratic.json").write_text(json.dumps({"1": "liver", "2": "spleen"}))
+    with pytest.raises(SystemExit, match=r"labels.json: this folder holds masks of scheme 'totalseg_total'"):
+        run(example_case / "src", example_case / "out", "abdomen", "--from-masks", example_case / "ts",
+            "--label-map", tmp_path / "ratic.json")  # fmt: skip
+    mask_path = example_case / "out" / "mask" / "example.nii"  # as the old make_masks.py stamped its masks
+    img = nib.load(mask_path)
+    ct_io.save_nifti(np.asarray(img.dataobj), img.affine, mask_path, "make_masks region=abdomen labels=0")
+    with pytest.raises(SystemExit, match=r"example.nii: 'make_masks region=abdomen.*older make_masks.py"):
+        run_example(example_case)
+    (example_case / "out" / "labels.json").unlink()
+    with pytest.raises(SystemExit, match=r"labels.json is missing: .* older make_masks.py.*new --dst"):
+        train_cli(
+            "--dataset", "radchest", "--data-path", tmp_path, "--prep-dir", example_case / "out", "--seg"
+        )
 
 
 def test_totalsegmentator_path_with_standin_model(example_case, monkeypatch):
@@ -276,10 +310,11 @@ def test_totalsegmentator_path_with_standin_model(example_case, monkeypatch):
     run(example_case / "src", example_case / "out")  # the real TotalSegmentator code path, random weights
     ct, mask, ct_affine, mask_affine = stored(example_case / "out", "example")
     assert mask.shape == ct.shape == (243, 201, 30) and np.allclose(ct_affine, mask_affine)
-    assert set(np.unique(mask)) <= set(range(6))
+    assert set(np.unique(mask)) <= set(TABLE) | {0}
     for a, b in zip(stored(example_case / "out", "example"), stored(example_case / "out", "flipped")):
         np.testing.assert_array_equal(a, b)  # the LPS copy is the same case once preprocessed
-    for bias, region, label in (("colon", "abdomen", 5), ("heart", "chest", 6)):  # every voxel a known class
+    ids = {name: i for i, name in TABLE.items()}
+    for bias, region, label in (("colon", "abdomen", ids["colon"]), ("heart", "chest", ids["heart"])):
         monkeypatch.setenv("TOTALSEG_HOME_DIR", str(example_case / bias))
         make_standin(example_case / bias, bias_class=bias)
         out = example_case / f"out_{bias}"
@@ -304,7 +339,7 @@ def test_corrupt_input_is_reported_and_others_finish(example_case):
     (example_case / "src" / "broken.nii.gz").write_bytes(payload[: len(payload) // 2])  # truncated gzip
     with pytest.raises(SystemExit, match=r"1 of 3 case\(s\) failed:\n.*broken\.nii\.gz"):
         run_example(example_case)
-    assert all(prep.is_done(example_case / "out", c, "abdomen") for c in ("example", "second"))
+    assert all(prep.is_done(example_case / "out", c, STAMP) for c in ("example", "second"))
     assert not (example_case / "out" / "ct" / "broken.nii").exists()
     summary = (example_case / "out" / "masks_summary.csv").read_text().splitlines()
     assert len(summary) == 1 + 2  # header, the two finished cases
@@ -337,7 +372,7 @@ def test_killed_run_resumes_without_recomputing_or_partial_files(example_case):
     (out / "ct" / ".case0.tmp.nii").write_bytes(b"half a file")  # as if killed while writing
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
     for case in [f"case{i}" for i in range(8)] + ["example"]:
-        assert prep.is_done(out, case, "abdomen")
+        assert prep.is_done(out, case, STAMP)
         np.testing.assert_array_equal(stored(out, case)[1], stored(out, "case0")[1])
         assert json.loads((out / "qc" / f"{case}.json").read_text())["case_id"] == case
     assert {

@@ -96,8 +96,8 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
     mask_path = prep / "prep" / "mask" / "synthetic_train_0001.nii"
     mask = nib.load(mask_path)
     labels = np.asarray(mask.dataobj).copy()
-    labels[labels == 6] = 9  # a mask made with another label scheme
-    ct_io.save_nifti(labels, mask.affine, mask_path, prep_folder.mask_stamp("chest"))
+    labels[labels == labels.max()] = 200  # a label TotalSegmentator's scheme does not have (ids 1-117)
+    ct_io.save_nifti(labels, mask.affine, mask_path, mask.header["descrip"].item().decode())
     short = "--seg -b 2 -j 1 --epochs 1".split()
     command = [
         sys.executable,
@@ -110,7 +110,7 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
     ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0
-    expected = f"{mask_path}: mask label 9 is outside this region's scheme 0..6 (made for another --region?)"
+    expected = f"{mask_path}: a mask label that is not in the folder's label scheme (labels.json)"
     assert result.stderr.strip().splitlines()[-1] == f"stopped: {expected}"
     assert "Traceback" not in result.stderr
 
@@ -118,7 +118,8 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
 def build(root, seg=True):
     """The datasets of phantoms written to `root` and prepared into root/prep, with or without masks."""
     source = data.Source("synthetic", str(root), str(root / "prep"))
-    return data.build_datasets(data.make_task("synthetic"), source, seed=0, with_mask=seg)
+    task = data.make_task("synthetic", anatomy=data.anatomy("paper", source, "chest", seg))
+    return data.build_datasets(task, source, seed=0, with_mask=seg)
 
 
 def test_wrong_dtype_and_affine_mismatch_name_the_file(prep):
@@ -146,7 +147,7 @@ def test_torn_or_compressed_volumes_are_refused(prep):
 def test_volume_smaller_than_the_crop_is_padded():
     ct, mask, *_ = synthetic.make_phantom(np.random.default_rng(0), (10, 20, 16))
     dataset = data.CTDataset(["tiny"], [(ct, mask)], np.zeros((1, 5)), (40, 60, 60), (32, 48, 48), train=True,
-                             with_mask=True, max_label=6)  # fmt: skip
+                             with_mask=True)  # fmt: skip
     sample = dataset[0]
     assert sample["ct"].shape == (1, 32, 48, 48) and sample["mask"].shape == (32, 48, 48)
     assert (sample["ct"] == AIR_HU).sum() == 32 * 48 * 48 - ct.size + (ct == AIR_HU).sum()

@@ -13,7 +13,7 @@ from ctkit import ct_io, prep, totalseg
 from helpers import EXAMPLE, make_masks_cli
 from totalseg_standin import make_standin
 
-STAMP = prep.mask_stamp("abdomen")
+STAMP = prep.mask_stamp(*prep.totalseg_scheme())
 pytestmark = pytest.mark.skipif(not EXAMPLE.exists(), reason="TotalSegmentator example data not found")
 
 

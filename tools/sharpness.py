@@ -102,9 +102,11 @@ def fixed_batches(config, cases, batch_size):
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
     else:  # the run's own cases; the crops only: no masks are needed
         fields = {f.name for f in dataclasses.fields(data.Source)}
-        source = data.Source(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+        split_file = (
+            os.path.join(config["output_dir"], "split.csv") if config["dataset"] == "custom" else None
         )
+        source = data.Source(**given, split_file=split_file)
         dataset = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
         dataset.train = False  # centre crops, no random offsets
     samples = [dataset[i] for i in range(min(cases, len(dataset)))]

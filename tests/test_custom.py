@@ -1,0 +1,184 @@
+"""Your own CTs (issue 22): a labels CSV in a hospital export's layout, the structure set chosen when
+training, and masks from another segmenter with its own label map."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from ctkit import ct_io, labels, prep
+from helpers import make_masks_cli, phantom, train_cli, write_dicom_series
+
+FINDINGS = ("pneumothorax", "nodule")
+UID = "1.2.840.113619.2.55.3.{}"  # series folders named by UIDs, as many PACS exports are
+
+
+def write_nifti(path, ct, ts, lps):
+    """A NIfTI CT and its TotalSegmentator map on the same grid, stored RAS or LPS (x and y reversed)."""
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    if lps:
+        ct, ts = ct[::-1, ::-1], ts[::-1, ::-1]
+        affine = np.diag([-1.5, -1.5, 3.0, 1.0])
+        affine[:2, 3] = [1.5 * (ct.shape[0] - 1), 1.5 * (ct.shape[1] - 1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(ct), affine), path)
+    return np.ascontiguousarray(ts), affine
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """hospital/export/<patient>/<study UID>/<series UID>/IM000n (no suffix) for 6 patients, two of them
+    with a second series, plus NIfTI scans in RAS and LPS; TotalSegmentator maps in ts/; labels.csv with
+    path and patient_id columns and no split."""
+    root = tmp_path_factory.mktemp("custom") / "hospital"
+    rng, rows = np.random.default_rng(5), []
+    for p in range(8):
+        patient = f"PAT{p:03d}"
+        for s in range(2 if p < 2 else 1):
+            ct, ts = phantom(10 * p + s, "custom")
+            if p < 6:
+                folder = root / "export" / patient / UID.format(1000 + p) / UID.format(2000 + 10 * p + s)
+                write_dicom_series(folder, ct, (-30.0, -30.0, -60.0), signed_12_bit=False)
+                for f in folder.iterdir():  # PACS exports carry no suffix: found by the DICM marker
+                    f.rename(folder / f"IM{int(f.stem):04d}")
+                affine = ct_io.read_dicom_series(folder)[1]
+                ts_map, path = np.ascontiguousarray(ts[::-1, ::-1]), folder.relative_to(root)
+            else:
+                path = f"nifti/{patient}_{'lps' if p == 7 else 'ras'}.nii.gz"
+                ts_map, affine = write_nifti(root / path, ct, ts, lps=p == 7)
+            (root / "ts").mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(ts_map, affine), root / "ts" / f"{prep.case_id(root / path)}.nii.gz")
+            rows.append([str(path), patient, *rng.integers(0, 2, len(FINDINGS))])
+    rows[0][2:], rows[1][2:] = [1, 1], [0, 0]  # both values in every split of the drawn patient split
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "patient_id", *FINDINGS], *rows])
+    make_masks_cli("--src", root / "export", "--dst", root / "prep", "--from-totalseg", root / "ts")
+    make_masks_cli("--src", root / "nifti", "--dst", root / "prep", "--from-totalseg", root / "ts")
+    return root
+
+
+def train_custom(root, out, *extra):
+    flags = ["--dataset", "custom", "--labels", root / "labels.csv", "--region", "chest", "--data-path", root,
+             "--prep-dir", root / "prep", "--seg", "-b", "2", "-j", "0", "--epochs", "1",
+             "--test-fraction", "0.25", "--crop", "16", "32", "32"]  # fmt: skip
+    train_cli(*flags, *extra, "--output-dir", out)
+    config = json.loads((out / "config.json").read_text())
+    return config["task"], torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+
+
+def test_custom_csv_trains_with_any_structure_set_from_one_mask_run(export, tmp_path):
+    assert len(list((export / "prep" / "mask").glob("*.nii"))) == 10  # 8 DICOM series + RAS + LPS
+    runs = {
+        "paper": 6,
+        "lung_upper_lobe_left,right=lung_upper_lobe_right+lung_middle_lobe_right+lung_lower_lobe_right": 2,
+        "all": 117,
+    }
+    for spec, n in runs.items():
+        task, state = train_custom(export, tmp_path / f"run{n}", "--structures", spec)
+        assert len(task["structures"]) == n and state["seg_head.weight"].shape[0] == n + 1
+        assert task["classes"] == list(FINDINGS) and task["scheme"].startswith(
+            "make_masks scheme=totalseg_total"
+        )
+    assert task["structure_ids"][9] == [10]  # 'all': TotalSegmentator's class 10 is lung_upper_lobe_left
+    split = {r["patient_id"]: r["split"] for r in csv.DictReader(open(tmp_path / "run6" / "split.csv"))}
+    assert sorted(split) == [f"PAT{p:03d}" for p in range(8)] and list(split.values()).count("test") == 2
+    for n in (2, 117):  # the same seed draws the same patient split for every run
+        assert (tmp_path / f"run{n}" / "split.csv").read_text() == (
+            tmp_path / "run6" / "split.csv"
+        ).read_text()
+    predictions = list(csv.DictReader(open(tmp_path / "run6" / "predictions_test.csv")))
+    patients = {r["patient_id"] for r in predictions}
+    assert all(split[p] == "test" for p in patients) and len(predictions) >= 2
+
+
+def test_the_lps_and_ras_scans_are_the_same_case_once_prepared(export):
+    ras, lps = (nib.load(export / "prep" / "mask" / f"PAT00{p}_{o}.nii") for p, o in ((6, "ras"), (7, "lps")))
+    assert np.allclose(ras.affine[:3, :3], lps.affine[:3, :3]) and np.diag(ras.affine)[0] > 0
+
+
+def test_resume_keeps_the_split_and_a_changed_structure_set_is_refused(export, tmp_path):
+    train_custom(export, tmp_path / "run")
+    before = (tmp_path / "run" / "split.csv").read_text()
+    with pytest.raises(SystemExit, match="trained with task="):
+        train_custom(export, tmp_path / "run", "--resume", "--structures", "all")
+    (tmp_path / "run" / "predictions_test.csv").unlink()
+    train_custom(export, tmp_path / "run", "--resume")  # a requeued job: the same command again
+    assert (tmp_path / "run" / "predictions_test.csv").exists()
+    assert (tmp_path / "run" / "split.csv").read_text() == before
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda rows: rows[3].__setitem__(2, ""), r"labels.csv row 4 column pneumothorax: '' is not 0 or 1"),
+        (lambda rows: rows[2].__setitem__(3, "yes"), r"labels.csv row 3 column nodule: 'yes' is not 0 or 1"),
+        (
+            lambda rows: rows[5].__setitem__(0, "export/nowhere"),
+            r"labels.csv row 6 column path: 'export/nowhere'",
+        ),
+        (lambda rows: rows.append(rows[1]), r"labels.csv rows 2 and 12: case .* twice"),
+        (lambda rows: [r.__delitem__(slice(2, None)) for r in rows], r"labels.csv: no finding columns"),
+    ],
+    ids=["blank", "not-0-1", "no-such-path", "duplicate", "no-findings"],
+)
+def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, message):
+    rows = list(csv.reader(open(export / "labels.csv")))
+    edit(rows)
+    bad = export / f"bad_{tmp_path.name}.csv"
+    with open(bad, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(SystemExit, match=message.replace("labels.csv", bad.name)):
+        train_cli("--dataset", "custom", "--labels", bad, "--region", "chest", "--data-path", export,
+                  "--output-dir", tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run" / "split.csv").exists()
+
+
+def test_a_single_valued_finding_is_a_warning(tmp_path, export, capsys):
+    rows = list(csv.reader(open(export / "labels.csv")))
+    for r in rows[1:]:
+        r[3] = "0"
+    path = export / "single.csv"
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    tables = labels.custom_tables(path, export / "prep", tmp_path / "split.csv", 0, 0.0, 0.25)
+    assert "column(s) nodule have a single value in the training split" in capsys.readouterr().out
+    assert sum(len(t[0]) for t in tables.values()) == 10
+
+
+def test_masks_of_another_segmenter_train_with_its_class_names(tmp_path):
+    """RATIC's own segmentations/: 1 liver, 2 spleen, 3 left kidney, 4 right kidney, 5 bowel."""
+    root = tmp_path / "own"
+    table = {"1": "liver", "2": "spleen", "3": "kidney_left", "4": "kidney_right", "5": "bowel"}
+    (root / "segmentations").mkdir(parents=True)
+    (root / "label_map.json").write_text(json.dumps(table))
+    rows = []
+    for i in range(8):
+        ct, _ = phantom(i, "own")
+        seg = np.zeros(ct.shape, np.uint8)
+        seg[4:12, 4:12, 2:8], seg[20:30, 10:20, 4:10] = 1, 5  # a liver and some bowel
+        for sub, array in (("ct", ct), ("segmentations", seg)):
+            (root / sub).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 3.0, 1])), root / sub / f"scan{i}.nii.gz")
+        rows.append([f"scan{i}", f"p{i}", i % 2, (i // 2) % 2])
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["case_id", "patient_id", "a", "b"], *rows])
+    make_masks_cli("--src", root / "ct", "--dst", root / "prep", "--from-masks", root / "segmentations",
+                   "--label-map", root / "label_map.json")  # fmt: skip
+    assert prep.read_scheme(root / "prep")[:2] == ("label_map", {int(k): v for k, v in table.items()})
+    header = (root / "prep" / "masks_summary.csv").read_text().splitlines()[0]
+    assert all(f"{name}_ml" in header for name in table.values())  # QC covers every class of the scheme
+    common = ["--dataset", "custom", "--labels", root / "labels.csv", "--region", "abdomen", "--data-path",
+              root, "--seg", "-b", "2", "-j", "0", "--epochs", "1", "--crop", 16, 32, 32,
+              "--test-fraction", "0.25"]  # fmt: skip
+    for spec, names in (("paper", ["liver", "spleen", "kidney_left", "kidney_right", "bowel"]),
+                        ("liver,rest=spleen+bowel", ["liver", "rest"])):  # fmt: skip
+        train_cli(*common, "--structures", spec, "--output-dir", tmp_path / spec)
+        task = json.loads((tmp_path / spec / "config.json").read_text())["task"]
+        assert task["structures"] == names and task["scheme"].startswith("make_masks scheme=label_map")
+        dice = json.loads((tmp_path / spec / "dice_test.json").read_text())
+        assert set(dice) == {*names, "mean"}
+    with pytest.raises(SystemExit, match=r"--structures heart: \['heart'\] not in the stored label scheme"):
+        train_cli(*common, "--structures", "heart", "--output-dir", tmp_path / "heart")
