@@ -303,18 +303,18 @@ def bench_data_wait(device, steps, workers, tiny=False):
 
 
 def structures_worker(classes, steps, crop, batch, chunk):
-    """One configuration in this (fresh) process: median step seconds and the peak resident memory the
-    steps added over the built model (MiB), printed as one line for bench_structures."""
+    """One configuration in this (fresh) process: median step seconds and the peak resident memory that the
+    model, its optimizer and the training steps added to the process (MiB), one line for bench_structures."""
     import resource
 
     torch.manual_seed(0)
     task = data.make_task("ctrate", crop)
     task = dataclasses.replace(task, structures=tuple(f"class_{i}" for i in range(classes)))
-    model = build_model("r3d", task, seg=True).train()
-    objective, optimizer = Objective(model, task.kind, seg_chunk=chunk), torch.optim.AdamW(model.parameters())
     x, labels = torch.randn(batch, 1, *crop), torch.randint(0, 2, (batch, len(task.classes))).float()
     mask = torch.randint(0, classes + 1, (batch, *crop), dtype=torch.uint8)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # what the weights and steps add
+    model = build_model("r3d", task, seg=True).train()
+    objective, optimizer = Objective(model, task.kind, seg_chunk=chunk), torch.optim.AdamW(model.parameters())
     times = []
     for _ in range(steps + 1):
         start = time.perf_counter()
@@ -349,7 +349,7 @@ def bench_structures(repeats, crop=(32, 64, 64), batch=2):
     for name, values in results.items():
         t, m = np.median(values, 0)
         ratios[name] = (t / paper[0], m / paper[1])
-        print(f"  {name:<20} step {t:.3f} s ({t / paper[0]:.2f}x paper), peak memory added by the steps "
+        print(f"  {name:<20} step {t:.3f} s ({t / paper[0]:.2f}x paper), peak memory of the model and steps "
               f"{m:.0f} MiB ({m / paper[1]:.2f}x)")  # fmt: skip
     return ratios
 

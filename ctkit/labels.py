@@ -213,6 +213,8 @@ def custom_tables(path, prep_dir, split_file, seed=0, val_fraction=0.0, test_fra
         pick = [i for i, g in enumerate(given) if g == split]
         if pick or split != "val":
             tables[split] = ([cases[i] for i in pick], y[pick], [patients[i] for i in pick])
+    if val_fraction and "val" not in tables:  # a split column without val rows: hold out patients
+        hold_out(tables, val_fraction)
     single = [c for k, c in enumerate(classes) if len(np.unique(tables["train"][1][:, k])) < 2]
     if single:
         print(f"warning: {path}: column(s) {', '.join(single)} have a single value in the training split "

@@ -30,4 +30,4 @@ def test_bench_gpu_code_path_runs_on_cpu(capsys):
 def test_bench_structures_runs(capsys):
     ratios = bench.bench_structures(repeats=1, crop=(16, 32, 32))
     assert set(ratios) == {"paper", "all", "all, --seg-chunk 8"} and ratios["paper"] == (1.0, 1.0)
-    assert "peak memory added by the steps" in capsys.readouterr().out
+    assert "peak memory of the model and steps" in capsys.readouterr().out
