@@ -16,7 +16,7 @@ import torch
 
 import model
 from ctkit import ct_io, labels, prep
-from helpers import make_masks_cli, phantom, train_cli, write_dicom_series
+from helpers import TS_IDS, make_masks_cli, phantom, train_cli, write_dicom_series
 
 CTCLIP_ORDER = [  # the order of the columns in the distributed CSV (not the report order)
     "Medical material",
@@ -222,7 +222,8 @@ def test_radchest_trains_and_keeps_lobes_on_their_side(radchest, tmp_path, capsy
     assert [r["case_id"] for r in rows] == ["tst00001", "tst00002", "tst00003"]
     assert [k[5:] for k in rows[0] if k.startswith("true:")] == list(labels.RADCHEST_CLASSES)
     mask = np.asarray(nib.load(radchest / "prep" / "mask" / "trn00001.nii").dataobj)  # RAS (x, y, z)
-    assert np.argwhere(mask == 1)[:, 0].mean() < np.argwhere(mask == 3)[:, 0].mean()  # left lung at low x
+    left, right = (np.argwhere(mask == TS_IDS[k])[:, 0].mean() for k in (1, 3))  # TotalSegmentator's ids
+    assert left < right  # the left upper lobe at low x
     assert "masks: 0 of 9 case(s) miss a structure" in capsys.readouterr().out  # from masks_summary.csv
 
 

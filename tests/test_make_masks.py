@@ -257,7 +257,7 @@ def test_ctrate_fixed_file_given_with_metadata_is_refused(example_case):
 
 def test_ctrate_case_missing_from_its_segmentation_folder_is_reported(example_case):
     (example_case / "ts" / "example.nii.gz").rename(example_case / "ts" / "other.nii.gz")
-    with pytest.raises(SystemExit, match="example.nii.gz.*no TotalSegmentator file named example"):
+    with pytest.raises(SystemExit, match="example.nii.gz.*no label map named example"):
         run_example(example_case)
 
 
