@@ -101,7 +101,12 @@ def anatomy(spec, source, region, with_mask=True):
     if not with_mask and not os.path.exists(os.path.join(source.prep_dir, prep.SCHEME)):
         return "", REGIONS[region]["structures"], ()
     name, table, stamp = prep.read_scheme(source.prep_dir)
-    return (stamp, *structures.parse(spec, table, region))
+    try:
+        return (stamp, *structures.parse(spec, table, region))
+    except BadInput:
+        if with_mask:
+            raise
+        return "", REGIONS[region]["structures"], ()  # a run without masks: its structures are never read
 
 
 def stored_lut(task, source):

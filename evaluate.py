@@ -8,6 +8,8 @@ Macro averages are over the classes that have both labels; the others are counte
 
     python evaluate.py runs/synthetic_r3d_seg_s0     # one run: per-class table (+ the seg head's report)
     python evaluate.py runs/*/ --figure fig3.png     # several runs: Tables 1, 6-9, CIs, Figure 3
+    python evaluate.py runs/*/ --roc roc.png         # each finding's ROC curve, the arms overlaid
+    python evaluate.py runs/*/ --evidence            # where each run's evidence lies among the structures
 """
 
 import argparse
@@ -21,11 +23,11 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
-from ctkit import compare, utils
+from ctkit import compare, evidence, utils
 from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
 from ctkit.learning_report import MAX_TRAIN_MASKS, floors, format_report, learning_report, structure_dice
 from ctkit.utils import BadInput
-from model import probabilities
+from model import build_model, probabilities
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
 
@@ -136,6 +138,82 @@ def seg_split(model, loader, task, amp=False):
 
     rows = for_each_case(model, loader, task, amp, fn, torch.zeros(0, 1 + 3 * n, dtype=torch.float64))
     return rows[:, 0], rows[:, 1:].reshape(-1, n, 3).astype(np.int64)
+
+
+def evidence_split(model, loader, task, amp=False):
+    """Per case and output, the share of its positive evidence (ctkit/evidence.py: eq. 1's linear head at
+    every feature voxel, upsampled to the crop) inside each seg structure of the case's mask and outside all
+    of them: numpy (N, outputs, structures + 1)."""
+    n, outputs = len(task.structures), model.head.out_features
+
+    def fn(ct, batch):
+        maps = evidence.evidence_maps(model, ct)  # (B, K, d, h, w)
+        rows = [evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
+                for m, mask in zip(maps, batch["mask"])]  # fmt: skip
+        return torch.from_numpy(np.stack(rows)).flatten(1)
+
+    empty = torch.zeros(0, outputs * (n + 1), dtype=torch.float64)
+    return for_each_case(model, loader, task, amp, fn, empty).reshape(-1, outputs, n + 1)
+
+
+def evidence_by_anatomy(shares, labels, task):
+    """{finding: {"positives": n, structure: mean share over its positive cases, ..., "outside": ...}}."""
+    table = {}
+    for k, name in enumerate(task.classes):
+        positive = labels[:, k] == 1
+        means = shares[positive, k].mean(0) if positive.any() else np.full(shares.shape[2], np.nan)
+        table[name] = {
+            "positives": int(positive.sum()),
+            **dict(zip([*task.structures, "outside"], means.tolist())),
+        }
+    return table
+
+
+def format_evidence(table, title):
+    columns = list(next(iter(table.values())))[1:]
+    head = f"{'finding':<28}{'pos':>5}" + "".join(f"{c[:11]:>12}" for c in columns)
+    lines = [title, head, "-" * len(head)]
+    for name, row in table.items():
+        label = f"{ABBREVIATIONS.get(name, '')} {name}".strip()[:27]
+        lines.append(f"{label:<28}{row['positives']:>5}" + "".join(f"{row[c]:12.3f}" for c in columns))
+    return "\n".join(lines)
+
+
+def run_evidence(folder):
+    """python evaluate.py RUN --evidence: the run's evaluated checkpoint over its test split with the masks;
+    writes evidence_by_anatomy_test.{json,csv} and prints the table."""
+    config = utils.read_json(os.path.join(folder, "config.json"))
+    name = (
+        "checkpoint_best.pth"
+        if os.path.isfile(os.path.join(folder, "checkpoint_best.pth"))
+        else "checkpoint.pth"
+    )
+    state = utils.load_checkpoint(os.path.join(folder, name))
+    task = data.Task.from_dict(state["task"])
+    if task.kind == "ratic" or (config.get("data_path") and not task.scheme):
+        raise BadInput(
+            f"{folder}: evidence by anatomy needs one output per finding and masks with a label scheme"
+        )
+    model = build_model(config["model"], task, config["seg"])
+    model.load_state_dict(state["model"])
+    fields = {f.name for f in dataclasses.fields(data.Source)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
+    split_file = os.path.join(folder, "split.csv") if config["dataset"] == "custom" else None
+    test = data.build_datasets(task, data.Source(**given, split_file=split_file), config["seed"], True)[
+        "test"
+    ]
+    loader = data.make_loader(test, False, batch_size=4)
+    table = evidence_by_anatomy(evidence_split(model.eval(), loader, task), test.labels, task)
+    utils.write_json(os.path.join(folder, "evidence_by_anatomy_test.json"), table)
+    header = ["finding", *next(iter(table.values()))]
+    rows = [[f, *row.values()] for f, row in table.items()]
+    utils.write_csv(os.path.join(folder, "evidence_by_anatomy_test.csv"), header, rows)
+    seg = "w/" if config["seg"] else "w/o"
+    title = (
+        f"{folder} ({config['model']} {seg} seg, {name}): share of the positive evidence in each structure"
+    )
+    print(format_evidence(table, title + ", mean over the finding's positive test cases"))
+    return table
 
 
 def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=None, bound=False):
@@ -304,6 +382,10 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--figure", help="several runs: write Figure 3 (grad-norm and loss curves) to this PNG")
     p.add_argument("--output", help="several runs: text + JSON (default <first run>/../comparison.*)")
+    p.add_argument("--roc", metavar="PNG", help="each finding's ROC curve (several runs: the arms overlaid)")
+    p.add_argument(
+        "--evidence", action="store_true", help="where each run's evidence lies among the structures"
+    )
     return p
 
 
@@ -319,6 +401,8 @@ class Settings:
     seed: int
     figure: str | None
     output: str | None
+    roc: str | None
+    evidence: bool
 
 
 def compare_runs(s):
@@ -333,17 +417,28 @@ def compare_runs(s):
     if s.figure:
         compare.figure3(runs, s.figure)
         print(f"wrote {s.figure}")
+    if s.roc:
+        compare.roc_figure(runs, s.roc)
+        print(f"wrote {s.roc}")
 
 
 def main(args):
     s = Settings(**{**vars(args), "paths": tuple(args.paths)})
+    if s.evidence:  # per run folder: its checkpoint over its test split (a model run, not the predictions)
+        return [run_evidence(folder) for folder in s.paths]
     if len(s.paths) > 1:
         return compare_runs(s)
     path = s.paths[0]
     path = os.path.join(path, "predictions_test.csv") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         raise BadInput(f"{path}: no such predictions file")
-    return evaluate_predictions(path, s.threshold, s.thresholds_from, per=s.per)
+    result = evaluate_predictions(path, s.threshold, s.thresholds_from, per=s.per)
+    if s.roc:  # one run: its curves, coloured by its arm where its config.json says
+        config_path = os.path.join(os.path.dirname(path), "config.json")
+        seg = bool(utils.read_json(config_path)["seg"]) if os.path.isfile(config_path) else False
+        compare.roc_figure([{**read_predictions(path, s.per), "key": (None, None, None, seg)}], s.roc)
+        print(f"wrote {s.roc}")
+    return result
 
 
 def cli(argv=None):

@@ -113,6 +113,10 @@ def given_map(case, kind, hu, affine, s, map_files, table):
     seg_img = nib.load(map_files[case])
     values = np.unique(np.asanyarray(seg_img.dataobj))
     unknown = [v for v in values.tolist() if v != 0 and int(v) not in table]
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)):
+        raise ValueError(
+            f"{map_files[case]}: label values must be whole numbers, found {values[:5].tolist()}"
+        )
     if unknown or values.min() < 0 or values.max() > 254:
         shown = unknown[:5] or values.tolist()[:5]
         raise ValueError(f"{map_files[case]}: labels {shown} are not in the scheme (--label-map)")

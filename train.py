@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import sys
 import time
 
@@ -169,6 +170,8 @@ def resolve(args, region, device):
         output_dir = os.path.dirname(os.path.abspath(args.resume))
     if output_dir is None:
         suffix = ("_seg" if args.seg else "") + ("_pre" if args.pretrained else "")
+        if args.seg and args.structures != "paper":  # runs of other structure sets do not share a folder
+            suffix += "_" + re.sub(r"[^\w+=-]+", "-", args.structures)[:40]
         output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{suffix}_s{args.seed}")
     resume = args.resume
     if resume == "auto":  # a requeued job reruns one command: resume if there is a checkpoint
@@ -246,7 +249,8 @@ def setup_model(s, task, device):
         return model, optimizer, scaler, 0, -math.inf
     settings = {key: getattr(s, key) for key in RESUME_SETTINGS}
     settings.update(world_size=utils.get_world_size(), task=task.to_dict())
-    settings = None if s.test_only else settings  # evaluation only: any checkpoint of the task will do
+    if s.test_only:  # evaluation only: any checkpoint of the same task (classes, structures, geometry)
+        settings = {"task": task.to_dict()}
     checkpoint = utils.resume(s.resume, model, optimizer, scaler, settings)
     if utils.get_rank() == 0:
         print(f"resumed from {s.resume} at iteration {checkpoint['iteration']}")

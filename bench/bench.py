@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
-from ctkit import ct_io  # noqa: E402
+from ctkit import ct_io, structures  # noqa: E402
 from ctkit.regions import REGIONS  # noqa: E402
 from model import ARCHS, Objective, build_model  # noqa: E402
 
@@ -107,6 +107,8 @@ def bench_data_path(repeats, n_cases=8):
         labels = np.zeros((n_cases, 18))
         dataset = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True)
         slab = data.CTDataset(cases, SlabVolumes(volumes), labels, pad, crop, train=True, with_mask=True)
+        lut = structures.lookup_table([(i,) for i in range(1, 7)], {i: str(i) for i in range(1, 118)})
+        looked_up = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True, lut=lut)
         in_ram = [tuple(np.array(v) for v in volumes[i]) for i in range(n_cases)]
         size = int(np.prod(crop))
         flat = [(np.ones(size, np.int16), np.ones(size, np.uint8)) for _ in range(n_cases)]
@@ -137,8 +139,8 @@ def bench_data_path(repeats, n_cases=8):
             window = tuple(slice(s, s + c) for s, c in zip(starts, crop[::-1]))
             np.ascontiguousarray(volume[window], np.float32)
 
-        sides = [ours, reopened, lambda: ours(slab), window_copy, memcpy]
-        t_ours, t_reopened, t_slab, t_copy, t_memcpy = interleaved(sides, repeats, warmup=n_cases)
+        sides = [ours, reopened, lambda: ours(slab), window_copy, memcpy, lambda: ours(looked_up)]
+        t_ours, t_reopened, t_slab, t_copy, t_memcpy, t_lut = interleaved(sides, repeats, warmup=n_cases)
         (t_naive,) = interleaved([naive], max(3, repeats // 10), warmup=1)
     mb = int(np.prod(crop)) * 3 / 1e6
     print(
@@ -148,15 +150,16 @@ def bench_data_path(repeats, n_cases=8):
              ("ours, every map opened anew", t_reopened, "reopened / ours"),
              ("previous reader: slices mapped per window (MAP_POPULATE)", t_slab, "previous / ours"),
              ("copy of the same windows out of volumes in RAM", t_copy, "ours / copy"),
-             ("contiguous memcpy of as many bytes", t_memcpy, "ours / memcpy")]  # fmt: skip
+             ("contiguous memcpy of as many bytes", t_memcpy, "ours / memcpy"),
+             ("ours + the --structures lookup table on the mask", t_lut, "lookup / ours")]  # fmt: skip
     for text, t, ratio_name in lines:
-        ratio = t_ours / t if ratio_name and ratio_name.startswith("ours") else t / t_ours
+        ratio = t_ours / t if ratio_name and ratio_name.startswith("ours ") else t / t_ours
         print(f"  {text:<58}{1e3 * t:7.2f} ms" + (f"   {ratio_name} = {ratio:.2f}" if ratio_name else ""))
     print(f"  {'naive: nib.load(.nii.gz).get_fdata(), crop, float':<58}{1e3 * t_naive:7.2f} ms   "
           f"naive / ours = {t_naive / t_ours:.0f}")  # fmt: skip
     return {"ours_over_copy": t_ours / t_copy, "ours_over_memcpy": t_ours / t_memcpy,
             "previous_over_ours": t_slab / t_ours, "reopened_over_ours": t_reopened / t_ours,
-            "naive_over_ours": t_naive / t_ours}  # fmt: skip
+            "naive_over_ours": t_naive / t_ours, "lookup_over_ours": t_lut / t_ours}  # fmt: skip
 
 
 def train_step(objective, optimizer, x, labels, mask):

@@ -229,6 +229,51 @@ def figure3(runs, path):
     plt.close(fig)
 
 
+def roc_points(y_true, y_score, grid):
+    """The ROC curve's true-positive rate at each false-positive rate of `grid` (the highest the curve reaches
+    at that rate: a step curve) and the AUC (Mann-Whitney, ties counted 1/2)."""
+    from sklearn.metrics import roc_curve  # the metric's reference implementation
+
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    tpr_at = tpr[np.searchsorted(fpr, grid, side="right") - 1]
+    return tpr_at, float(auc_columns(y_true[:, None].astype(float), y_score[:, None])[0])
+
+
+def roc_figure(runs, path):
+    """Each finding's ROC curve on the test split, one panel each: the arms (w/o seg blue, w/ seg red)
+    overlaid, each run thin, the mean over an arm's runs (of the TPR at each FPR) bold; AUCs in the legend."""
+    import matplotlib  # optional for everything else: imported where a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes, grid = runs[0]["classes"], np.linspace(0, 1, 201)
+    columns = min(4, len(classes))
+    rows = -(-len(classes) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
+    for k, (ax, name) in enumerate(zip(axes.flat, classes)):
+        for seg, color in ((False, "tab:blue"), (True, "tab:red")):
+            arm = [r for r in runs if r["key"][3] == seg and len(np.unique(r["y_true"][:, k])) == 2]
+            curves = [roc_points(r["y_true"][:, k], r["y_prob"][:, k], grid) for r in arm]
+            for tpr, _ in curves:
+                ax.plot(grid, tpr, color=color, lw=0.6, alpha=0.4)
+            if curves:
+                aucs = [a for _, a in curves]
+                label = f"{'w/' if seg else 'w/o'} seg: AUC {100 * np.mean(aucs):.1f} ({len(curves)} run(s))"
+                ax.plot(grid, np.mean([t for t, _ in curves], 0), color=color, lw=2, label=label)
+        ax.plot([0, 1], [0, 1], color="gray", lw=0.5, ls=":")
+        ax.set(
+            title=f"{ABBREVIATIONS.get(name, '')} {name}"[:40], xlabel="1 - specificity", ylabel="sensitivity"
+        )
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(classes) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
 def write_comparison(runs, stem, resamples, seed, heading):
     """Print the comparison under `heading` and write it to <stem>.txt and its records to <stem>.json."""
     text, records = comparison_report(runs, resamples, seed)

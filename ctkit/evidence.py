@@ -7,7 +7,8 @@ all three backbones (each returns (B, C, d, h, w)) and for RATIC's heads (output
 raise the logit, negative ones lower it.
 
 `evidence_maps` is the one implementation; `localisation_scores` scores one upsampled map against a region
-(a structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms).
+(a structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms);
+`anatomy_shares` splits a map's positive evidence among the structures of a mask (evaluate.py --evidence).
 """
 
 import numpy as np
@@ -45,3 +46,16 @@ def localisation_scores(evidence, region, finding=None):
         "point_finding": float(finding[peak]) if has_finding else float("nan"),
         "share": float(positive[region].sum() / total) if total > 0 else 0.0,
     }
+
+
+def anatomy_shares(evidence, mask, num_structures):
+    """(K, D, H, W) evidence at the crop's resolution and its (D, H, W) mask of seg classes 0..S ->
+    (K, S + 1): per output the share of its positive evidence mass inside each structure 1..S, and outside
+    all of them (last column; background). Rows of outputs without positive evidence are 0."""
+    positive = torch.clamp(torch.as_tensor(evidence, dtype=torch.float64), min=0).flatten(1)  # (K, V)
+    labels = torch.as_tensor(mask).long().flatten()
+    sums = torch.zeros(positive.shape[0], num_structures + 1, dtype=torch.float64)
+    sums.index_add_(1, labels, positive)  # (K, S + 1), column 0 the background
+    total = sums.sum(1, keepdim=True)
+    shares = torch.where(total > 0, sums / total.clamp(min=1e-300), torch.zeros_like(sums))
+    return torch.cat([shares[:, 1:], shares[:, :1]], 1).numpy()

@@ -104,15 +104,23 @@ def radchest_tables(root):
     return tables
 
 
-def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0):
+def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0, same_settings=True):
     """{patient: "train" | "val" | "test"}: drawn once at random (seeded), saved to `split_file` and reused;
-    never one patient in two splits."""
+    never one patient in two splits. same_settings: refuse a saved split drawn with another seed or fractions
+    (RATIC's, kept beside the volumes, is shared by every run whatever its seed)."""
+    drawn = {"seed": str(seed), "test_fraction": f"{test_fraction:g}", "val_fraction": f"{val_fraction:g}"}
     if os.path.exists(split_file):
-        split_of = {r["patient_id"]: r["split"] for r in read_csv(split_file, ["patient_id", "split"])}
+        rows = read_csv(split_file, ["patient_id", "split"])
+        split_of = {r["patient_id"]: r["split"] for r in rows}
         if set(split_of) != set(patients):
             raise BadInput(
                 f"{split_file}: its patients differ from the label file's; delete it to draw a new split"
             )
+        other = [f"{k} {rows[0][k]}" for k in drawn if rows and k in rows[0] and rows[0][k] != drawn[k]]
+        if other and same_settings:  # files of older versions lack these columns
+            asked = ", ".join(f"{k} {drawn[k]}" for k in drawn)
+            raise BadInput(f"{split_file}: drawn with {', '.join(other)}, this run asks for {asked}; delete "
+                           "it or use another --output-dir")  # fmt: skip
         return split_of
     order = np.random.default_rng(seed).permutation(sorted(patients))
     n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
@@ -120,7 +128,8 @@ def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0):
         p: "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, p in enumerate(order)
     }
     os.makedirs(os.path.dirname(os.path.abspath(split_file)), exist_ok=True)
-    utils.write_csv(split_file, ["patient_id", "split"], sorted(split_of.items()))
+    rows = [[p, split, *drawn.values()] for p, split in sorted(split_of.items())]
+    utils.write_csv(split_file, ["patient_id", "split", *drawn], rows)
     return split_of
 
 
@@ -132,7 +141,9 @@ def ratic_tables(root, split_file, seed=0):
     unknown = [s["patient_id"] for s in series if s["patient_id"] not in patients]
     if unknown:
         raise BadInput(f"{series_path}: patient(s) {unknown[:5]} have no row in {label_path}")
-    split_of = patient_split(patients, split_file, seed, RATIC_SPLIT[1] / sum(RATIC_SPLIT))  # 2,500 / 647
+    split_of = patient_split(
+        patients, split_file, seed, RATIC_SPLIT[1] / sum(RATIC_SPLIT), same_settings=False
+    )
     tables = {}
     for split in ("train", "test"):
         chosen = [s for s in series if split_of[s["patient_id"]] == split]
@@ -159,7 +170,7 @@ CUSTOM_ID_COLUMNS = ("case_id", "path", "patient_id", "split")  # the other colu
 
 def custom_classes(path):
     """The finding columns of a labels CSV (--dataset custom), in the file's order."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         header = next(csv.reader(f), [])
     classes = tuple(c for c in header if c not in CUSTOM_ID_COLUMNS)
     if not classes:

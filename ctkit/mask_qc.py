@@ -57,9 +57,10 @@ def write_summary(dst, cases=None):
         rows = {row["case_id"]: row for row in utils.read_csv(path, ["case_id"])}
     records = [dst / QC / f"{c}.json" for c in cases] if cases is not None else (dst / QC).glob("[!.]*.json")
     rows.update({row["case_id"]: row for row in (json.loads(p.read_text()) for p in records if p.exists())})
-    if rows:
+    if rows:  # records may differ in their structures (another --region): the union of the columns
         table = [rows[c] for c in sorted(rows)]
-        utils.write_csv(path, list(table[0]), [[row[k] for k in table[0]] for row in table])
+        header = list(dict.fromkeys(k for row in table for k in row))
+        utils.write_csv(path, header, [[row.get(k, "") for k in header] for row in table])
 
 
 def write_preview(dst, case, groups, window=(-1000, 400)):
@@ -111,5 +112,5 @@ def mask_report(prep_dir, case_ids):
     known = [rows[c] for c in case_ids if c in rows]
     missing = [r for r in known if r["missing"]]
     example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""
-    return (f"masks: {len(missing)} of {len(known)} case(s) miss a structure{example}; "
+    return (f"masks (QC structures): {len(missing)} of {len(known)} case(s) miss one{example}; "
             f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})")  # fmt: skip

@@ -59,8 +59,8 @@ def totalseg_scheme():
 def mask_stamp(name, table):
     """Written into every mask's NIfTI description and checked for every case at training: the scheme's name
     and a checksum of its id -> name table."""
-    text = ",".join(f"{i}:{table[i]}" for i in sorted(table, key=int))
-    return f"make_masks scheme={name} labels={zlib.crc32(text.encode()):08x}"
+    text = name + ";" + ",".join(f"{i}:{table[i]}" for i in sorted(table, key=int))
+    return f"make_masks scheme={name[:24]} labels={zlib.crc32(text.encode()):08x}"  # <= 79 bytes (NIfTI)
 
 
 def read_label_map(path):

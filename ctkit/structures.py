@@ -36,7 +36,7 @@ def parse(spec, table, region):
     names, ids = [], []
     for item in items:
         name, _, parts = item.partition("=")
-        parts = parts.split("+") if parts else [name]
+        name, parts = name.strip(), [p.strip() for p in parts.split("+")] if parts else [name.strip()]
         unknown = [p for p in parts if p not in by_name]
         if unknown:
             raise BadInput(f"--structures {spec}: {unknown} not in the stored label scheme (classes such as "

@@ -51,7 +51,7 @@ def read_csv(path, columns):
     """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f)
         missing = [c for c in columns if c not in (reader.fieldnames or [])]
         if missing:

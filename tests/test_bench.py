@@ -15,6 +15,7 @@ def test_bench_data_path_runs(capsys):
         "previous_over_ours",
         "reopened_over_ours",
         "naive_over_ours",
+        "lookup_over_ours",
     }
     assert "ours / memcpy" in capsys.readouterr().out
 

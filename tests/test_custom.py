@@ -182,3 +182,30 @@ def test_masks_of_another_segmenter_train_with_its_class_names(tmp_path):
         assert set(dice) == {*names, "mean"}
     with pytest.raises(SystemExit, match=r"--structures heart: \['heart'\] not in the stored label scheme"):
         train_cli(*common, "--structures", "heart", "--output-dir", tmp_path / "heart")
+
+
+def test_structure_specs_parse_with_spaces_and_refuse_reuse():
+    from ctkit import structures
+
+    table = {1: "liver", 2: "spleen", 7: "colon", 9: "small_bowel"}
+    names, ids = structures.parse(" liver , bowel = colon + small_bowel", table, "abdomen")
+    assert names == ("liver", "bowel") and ids == ((1,), (7, 9))
+    lut = structures.lookup_table(ids, table)
+    assert lut[[0, 1, 2, 7, 9, 3]].tolist() == [0, 1, 0, 2, 2, structures.UNKNOWN]  # 3: not in the scheme
+    with pytest.raises(labels.BadInput, match="each name and stored label once"):
+        structures.parse("liver,a=liver+spleen", table, "abdomen")
+
+
+def test_a_long_scheme_name_keeps_the_stamp_within_the_nifti_description():
+    stamp = prep.mask_stamp("ratic_segmentations_liver_spleen_kidneys_bowel_v2", {1: "liver"})
+    assert len(stamp) <= 79 and stamp != prep.mask_stamp(
+        "ratic_segmentations_liver_spleen_kidneys_bowel_v3", {1: "liver"}
+    )
+
+
+def test_a_split_drawn_with_other_settings_is_refused(tmp_path):
+    labels.patient_split({"a", "b", "c", "d"}, tmp_path / "split.csv", seed=0, test_fraction=0.25)
+    again = labels.patient_split({"a", "b", "c", "d"}, tmp_path / "split.csv", seed=0, test_fraction=0.25)
+    assert sorted(again.values()) == ["test", "train", "train", "train"]
+    with pytest.raises(labels.BadInput, match="drawn with seed 0, this run asks for seed 1"):
+        labels.patient_split({"a", "b", "c", "d"}, tmp_path / "split.csv", seed=1, test_fraction=0.25)

@@ -224,7 +224,7 @@ def test_radchest_trains_and_keeps_lobes_on_their_side(radchest, tmp_path, capsy
     mask = np.asarray(nib.load(radchest / "prep" / "mask" / "trn00001.nii").dataobj)  # RAS (x, y, z)
     left, right = (np.argwhere(mask == TS_IDS[k])[:, 0].mean() for k in (1, 3))  # TotalSegmentator's ids
     assert left < right  # the left upper lobe at low x
-    assert "masks: 0 of 9 case(s) miss a structure" in capsys.readouterr().out  # from masks_summary.csv
+    assert "QC structures): 0 of 9 case(s) miss one" in capsys.readouterr().out  # from masks_summary.csv
 
 
 def test_radchest_map_in_another_orientation_is_refused(radchest, tmp_path):

@@ -117,7 +117,14 @@ def test_comparison_tables_and_figure(tmp_path, capsys):
     evaluate.main(
         evaluate.get_args_parser().parse_args(
             [str(tmp_path / n) for n in ("noseg_s0", "noseg_s1", "seg_s0", "seg_s1")]
-            + ["--figure", str(tmp_path / "fig3.png"), "--bootstrap", "200"]
+            + [
+                "--figure",
+                str(tmp_path / "fig3.png"),
+                "--bootstrap",
+                "200",
+                "--roc",
+                str(tmp_path / "roc.png"),
+            ]
         )
     )
     text = (tmp_path / "comparison.txt").read_text()
@@ -134,9 +141,27 @@ def test_comparison_tables_and_figure(tmp_path, capsys):
         math.isclose(bootstrap["delta"], 1 - expected_half)
         and bootstrap["ci"][0] <= bootstrap["delta"] <= bootstrap["ci"][1]
     )
-    assert (tmp_path / "fig3.png").stat().st_size > 10_000
+    assert (tmp_path / "fig3.png").stat().st_size > 10_000 and (tmp_path / "roc.png").stat().st_size > 10_000
     flatness = next(line for line in text.splitlines() if line.startswith("sharpness (ResNet + S"))
     assert "lambda_max 12.5 ± 0.71" in flatness and "increase_0.05 0.55 ± 0.71" in flatness  # seeds 0 and 1
+
+
+def test_roc_points_match_sklearn_and_a_single_run_gets_its_figure(tmp_path):
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(0)
+    y, p = rng.integers(0, 2, 50), rng.random(50)
+    fpr, tpr, _ = roc_curve(y, p)
+    got, auc = compare.roc_points(y, p, fpr)
+    highest = [tpr[fpr == f].max() for f in fpr]  # sklearn's curve: at each false-positive rate its top
+    np.testing.assert_allclose(got, highest)
+    assert math.isclose(auc, roc_auc_score(y, p))
+    yy = np.array([[0, 1], [1, 0], [0, 0], [1, 1]], float)
+    fake_run(tmp_path / "one", "r3d", True, 0, yy, yy * 0.5 + 0.2)
+    evaluate.main(
+        evaluate.get_args_parser().parse_args([str(tmp_path / "one"), "--roc", str(tmp_path / "r.png")])
+    )
+    assert (tmp_path / "r.png").stat().st_size > 10_000
 
 
 def test_smoothing_is_debiased():

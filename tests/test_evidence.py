@@ -50,3 +50,60 @@ def test_upsampled_evidence_is_trilinear():
     full = evidence.upsample(maps, (4, 4, 4))
     expected = torch.nn.functional.interpolate(maps, size=(4, 4, 4), mode="trilinear")
     assert torch.equal(full, expected) and full.shape == (1, 1, 4, 4, 4)
+
+
+@pytest.mark.parametrize("arch", M.ARCHS)
+def test_explain_and_features_of_one_ct_for_every_backbone(arch, tmp_path):
+    """tools/predict.py --explain / --features on a phantom written as NIfTI, for a seg-trained checkpoint."""
+    import nibabel as nib
+
+    import predict
+    from ctkit import synthetic
+    from helpers import train_cli
+
+    flags = f"--model {arch} --seg --epochs 1 --max-steps 1 -b 2 -j 0 --crop 16 32 32 --synthetic-cases 2 2 2"
+    train_cli(*flags.split(), "--output-dir", tmp_path / "run")
+    ct, *_ = synthetic.make_phantom(np.random.default_rng(0), (20, 40, 40))
+    nib.save(nib.Nifti1Image(ct.transpose(2, 1, 0), np.diag([1.5, 1.5, 3.0, 1])), tmp_path / "scan.nii.gz")
+    probs = predict.predict(str(tmp_path / "scan.nii.gz"), str(tmp_path / "run" / "checkpoint.pth"),
+                            explain=str(tmp_path / "explain"), features=str(tmp_path / "f.npz"))  # fmt: skip
+    saved = np.load(tmp_path / "f.npz")
+    assert saved["features"].shape == ((512,) if arch == "r3d" else (768,))
+    np.testing.assert_allclose(saved["probabilities"], list(probs.values()), rtol=1e-6)
+    sheets = sorted((tmp_path / "explain").glob("evidence_*.png"))
+    assert len(sheets) == 5 and all(p.stat().st_size > 10_000 for p in sheets)
+
+
+def test_anatomy_shares_of_a_hand_made_map():
+    mask = np.zeros((2, 2, 2), np.uint8)
+    mask[0] = 1  # structure 1: the first slice; structure 2: one voxel of the second
+    mask[1, 0, 0] = 2
+    e = np.zeros((2, 2, 2, 2))
+    e[0, 0] = 1.0  # output 0: 4 units in structure 1
+    e[0, 1, 0, 0] = 2.0  # 2 units in structure 2
+    e[0, 1, 1, 1] = 2.0  # 2 units outside
+    e[0, 1, 0, 1] = -5.0  # negative evidence does not count
+    shares = evidence.anatomy_shares(e, mask, 2)  # output 1: no positive evidence at all
+    np.testing.assert_allclose(shares, [[0.5, 0.25, 0.25], [0, 0, 0]])
+
+
+@pytest.mark.parametrize("files", [False, True], ids=["phantoms-in-memory", "make_masks-files"])
+def test_evidence_by_anatomy_of_a_run(files, tmp_path, capsys):
+    import json
+
+    import evaluate
+    from helpers import prepared_synthetic, train_cli
+
+    source = (
+        ["--data-path", prepared_synthetic(tmp_path / "syn")] if files else ["--synthetic-cases", 4, 2, 4]
+    )
+    train_cli(*source, "-b", "2", "-j", "0", "--epochs", "1", "--output-dir", tmp_path / "run")  # w/o seg
+    evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "run"), "--evidence"]))
+    table = json.loads((tmp_path / "run" / "evidence_by_anatomy_test.json").read_text())
+    assert list(table) == list(data.make_task("synthetic").classes)
+    for row in table.values():
+        shares = [v for k, v in row.items() if k != "positives"]
+        assert len(shares) == 7  # 5 lobes, the heart, outside
+        if row["positives"]:  # a mean over cases of shares that add up to 1 (or 0 without positive evidence)
+            assert all(0 <= v <= 1 for v in shares) and sum(shares) <= 1 + 1e-9
+    assert "share of the positive evidence in each structure" in capsys.readouterr().out

@@ -3,11 +3,18 @@
     python tools/predict.py scan.nii.gz --checkpoint runs/ctrate_r3d_seg_s0/checkpoint_best.pth
     python tools/predict.py trn00001.npz --checkpoint ...        # RAD-ChestCT volume
     python tools/predict.py dicom_series_folder/ --checkpoint ...
+    python tools/predict.py scan.nii.gz --checkpoint ... --explain out/ --features out/features.npz
 
 The CT is read and preprocessed exactly as make_masks.py does (RAS, 1.5 x 1.5 x 3 mm, HU clip), centre-cropped
 as in evaluation, and each class probability is compared with the run's threshold: chosen on its validation
 split if it had one (metrics_val.json), else on its test split (metrics_test.json). For RATIC those thresholds
 were chosen per patient (the mean of a patient's series); average the series of one patient the same way.
+
+--explain DIR draws, per model output, its evidence map: eq. 1's linear head applied at every voxel of the
+last feature map (ctkit/evidence.py; its mean plus the bias is the logit, exactly), upsampled trilinearly to
+the crop, over the CT in three orthogonal planes through the strongest evidence (red raises the logit, blue
+lowers it), and for a seg-trained model the seg head's anatomy in the same planes. --features FILE.npz saves
+the pooled feature vector (eq. 1's input to the linear head), the logits and the probabilities.
 """
 
 import argparse
@@ -15,13 +22,15 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # a script of this folder stands on the top level
 import data  # noqa: E402
-from ctkit import ct_io, utils  # noqa: E402
+import model as M  # noqa: E402
+from ctkit import ct_io, evidence, utils  # noqa: E402
 from ctkit.labels import ABBREVIATIONS  # noqa: E402
 from model import build_model, probabilities  # noqa: E402
 
@@ -44,15 +53,39 @@ def run_thresholds(folder):
     return {}, None
 
 
-def predict(ct_path, checkpoint_path):
-    """Print and return {class: probability} for one CT."""
-    model, task, args = load_model(checkpoint_path)
+def output_names(task):
+    """What each model output is (what an evidence map explains): the classes, or RATIC's 11 head outputs."""
+    if task.kind != "ratic":
+        return list(task.classes)
+    binary = [f"{name}_injury" for name in M.RATIC_BINARY]
+    return binary + [f"{organ}_{grade}" for organ in M.RATIC_ORGANS for grade in M.RATIC_GRADES]
+
+
+def read_crop(ct_path, task):
+    """The CT as make_masks.py preprocesses it, centre-cropped as in evaluation: int16 HU (D, H, W)."""
     kind = "dicom" if os.path.isdir(ct_path) else "npz" if ct_path.endswith(".npz") else "nifti"
     ct, _ = ct_io.preprocess_ct(*ct_io.read_case(kind, ct_path))
     ct = ct.transpose(2, 1, 0)  # NIfTI (x, y, z) -> (D, H, W)
-    crop = data.read_window(ct, data.window_start(ct.shape, task.pad, task.crop), task.crop, data.AIR_HU)
+    return data.read_window(ct, data.window_start(ct.shape, task.pad, task.crop), task.crop, data.AIR_HU)
+
+
+def write_features(path, model, x, logits, probs, task):
+    """FILE.npz: features (C,) pooled from the last feature map, logits (outputs,), probabilities (classes,)
+    and the names of both (np.load(path)["features"])."""
     with torch.no_grad():
-        logits = model(data.normalize(torch.from_numpy(crop)[None, None], task.window))
+        features = model.backbone(x).mean(dim=(2, 3, 4))[0]
+    with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, features=features.numpy(), logits=logits[0].numpy(), probabilities=np.array(probs),
+                 outputs=np.array(output_names(task)), classes=np.array(task.classes))  # fmt: skip
+
+
+def predict(ct_path, checkpoint_path, explain=None, features=None):
+    """Print and return {class: probability} for one CT; with explain / features also write those."""
+    model, task, args = load_model(checkpoint_path)
+    crop = read_crop(ct_path, task)
+    x = data.normalize(torch.from_numpy(crop)[None, None], task.window)  # (1, 1, D, H, W)
+    with torch.no_grad():
+        logits = model(x)
     probs = probabilities(logits, task)[0].tolist()
     thresholds, source = run_thresholds(os.path.dirname(checkpoint_path))
     print(
@@ -62,7 +95,62 @@ def predict(ct_path, checkpoint_path):
         t = thresholds.get(name)
         verdict = "" if t is None else f"threshold {t:.3f}  " + ("POSITIVE" if p >= t else "negative")
         print(f"  {ABBREVIATIONS.get(name, ''):>7} {name:<36} p = {p:.3f}  {verdict}")
+    if features:
+        write_features(features, model, x, logits, probs, task)
+        print(f"wrote {features}")
+    if explain:
+        paths = write_explanations(explain, model, x, crop, task, dict(zip(task.classes, probs)))
+        print(f"wrote {len(paths)} evidence sheet(s) to {explain}")
     return dict(zip(task.classes, probs))
+
+
+@torch.no_grad()
+def write_explanations(folder, model, x, crop, task, probs):
+    """One PNG per model output: its evidence map over the CT (and the seg head's anatomy), see the module."""
+    maps = evidence.upsample(evidence.evidence_maps(model, x), task.crop)[0].numpy()  # (outputs, D, H, W)
+    anatomy = M.segment(model, x)[0].numpy() if model.seg_head is not None else None
+    logits = model(x)[0].tolist()
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for k, name in enumerate(output_names(task)):
+        title = f"{name}: logit {logits[k]:.3f} = mean evidence + bias"
+        title += f", p = {probs[name]:.3f}" if name in probs else ""
+        paths.append(os.path.join(folder, f"evidence_{k:02d}_{name.replace(' ', '_')}.png"))
+        draw_sheet(paths[-1], crop, maps[k], anatomy, task, title)
+    return paths
+
+
+def draw_sheet(path, crop, evidence_map, anatomy, task, title):
+    """Axial, coronal and sagittal planes through the strongest evidence: the CT in the task's window with the
+    evidence overlaid (diverging, symmetric about 0), and a row of the seg head's anatomy if there is one."""
+    import matplotlib  # optional for everything else: imported where a figure is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    z, y, x = np.unravel_index(int(np.argmax(evidence_map)), evidence_map.shape)
+    planes = {"axial": np.s_[z], "coronal": np.s_[:, y], "sagittal": np.s_[:, :, x]}
+    rows = 2 if anatomy is not None else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 4.2 * rows), squeeze=False)
+    limit = float(np.abs(evidence_map).max()) or 1.0
+    for col, (plane, where) in enumerate(planes.items()):
+        for row in range(rows):
+            ax = axes[row, col]
+            ax.imshow(crop[where], cmap="gray", vmin=task.window[0], vmax=task.window[1], origin="lower")
+            if row == 0:
+                shown = ax.imshow(
+                    evidence_map[where], cmap="RdBu_r", vmin=-limit, vmax=limit, alpha=0.5, origin="lower"
+                )
+            else:
+                labels = np.ma.masked_equal(anatomy[where], 0)
+                ax.imshow(labels, cmap="tab20", vmin=0.5, vmax=20.5, alpha=0.45, origin="lower")
+            ax.set_title(plane if row == 0 else f"{plane}: seg head's anatomy", fontsize=9)
+            ax.axis("off")
+    fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="evidence (raises the logit > 0)")
+    fig.suptitle(title, fontsize=10)
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
 
 
 def get_args_parser():
@@ -71,6 +159,8 @@ def get_args_parser():
     )
     parser.add_argument("ct", help="a NIfTI file, a RAD-ChestCT .npz or a DICOM series folder")
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pth / checkpoint_best.pth of a run")
+    parser.add_argument("--explain", metavar="DIR", help="write an evidence sheet (PNG) per output")
+    parser.add_argument("--features", metavar="FILE.npz", help="write the pooled features and probabilities")
     return parser
 
 
@@ -78,7 +168,7 @@ def cli(argv=None):
     """The command line: a CT or checkpoint that cannot be used ends in one line and exit status 1."""
     args = get_args_parser().parse_args(argv)
     try:
-        predict(args.ct, args.checkpoint)
+        predict(args.ct, args.checkpoint, args.explain, args.features)
     except (OSError, ValueError) as error:
         raise SystemExit(f"cannot classify {args.ct}: {error}") from None
 

@@ -94,7 +94,7 @@ def perturbation_increase(model, params, batches, kind, alpha, draws=8, seed=0):
     return float(np.mean(increases)), increases
 
 
-def fixed_batches(config, cases, batch_size):
+def fixed_batches(config, cases, batch_size, run_folder="."):
     """The first `cases` training cases of a run's dataset, centre-cropped and normalised, in batches."""
     task = data.Task.from_dict(config["task"])
     if config["dataset"] == "synthetic" and not config.get("data_path"):  # the same phantoms, made again
@@ -103,9 +103,7 @@ def fixed_batches(config, cases, batch_size):
     else:  # the run's own cases; the crops only: no masks are needed
         fields = {f.name for f in dataclasses.fields(data.Source)}
         given = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
-        split_file = (
-            os.path.join(config["output_dir"], "split.csv") if config["dataset"] == "custom" else None
-        )
+        split_file = os.path.join(run_folder, "split.csv") if config["dataset"] == "custom" else None
         source = data.Source(**given, split_file=split_file)
         dataset = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
         dataset.train = False  # centre crops, no random offsets
@@ -123,7 +121,7 @@ def measure(run_folder, cases=20, batch_size=10, iterations=20, alphas=(0.02, 0.
     best = os.path.exists(os.path.join(run_folder, "checkpoint_best.pth"))
     name = "checkpoint_best.pth" if best else "checkpoint.pth"
     state = utils.load_checkpoint(os.path.join(run_folder, name))
-    batches, task = fixed_batches(config, cases, batch_size)
+    batches, task = fixed_batches(config, cases, batch_size, run_folder)
     model = build_model(config["model"], task, config["seg"])
     model.load_state_dict(state["model"])
     model.eval()  # BatchNorm with its running statistics: the same function for every measurement
