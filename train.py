@@ -251,7 +251,7 @@ def setup_model(s, task, device):
     settings.update(world_size=utils.get_world_size(), task=task.to_dict())
     if s.test_only:  # evaluation only: any checkpoint of the same task (classes, structures, geometry)
         settings = {"task": task.to_dict()}
-    checkpoint = utils.resume(s.resume, model, optimizer, scaler, settings)
+    checkpoint = utils.resume(s.resume, model, optimizer, scaler, settings, evaluate_only=s.test_only)
     if utils.get_rank() == 0:
         print(f"resumed from {s.resume} at iteration {checkpoint['iteration']}")
     return model, optimizer, scaler, checkpoint["iteration"], checkpoint["best_auc"]

@@ -276,9 +276,10 @@ def check_resumable(checkpoint, current, path):
             raise ValueError(f"{path}: trained with {key}={saved.get(key)!r}, now {value!r}")
 
 
-def resume(path, model, optimizer, scaler, current=None):
+def resume(path, model, optimizer, scaler, current=None, evaluate_only=False):
     """Load a checkpoint into model, optimizer and scaler (after check_resumable, unless `current` is None);
-    returns the checkpoint for its other entries (iteration, best_auc, ...)."""
+    returns the checkpoint for its other entries (iteration, best_auc, ...). evaluate_only: the weights alone
+    will do (checkpoint_best.pth)."""
     checkpoint = load_checkpoint(path)
     if current is not None:
         check_resumable(checkpoint, current, path)
@@ -286,7 +287,7 @@ def resume(path, model, optimizer, scaler, current=None):
     if "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
-    elif current is not None:  # checkpoint_best.pth: weights only, enough to evaluate, not to train on
+    elif not evaluate_only:  # checkpoint_best.pth: weights only, enough to evaluate, not to train on
         raise ValueError(f"{path}: holds only the best weights; resume training from checkpoint.pth")
     return checkpoint
 
