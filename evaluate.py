@@ -25,7 +25,14 @@ from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 import data
 from ctkit import compare, evidence, utils
 from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
-from ctkit.learning_report import MAX_TRAIN_MASKS, floors, format_report, learning_report, structure_dice
+from ctkit.learning_report import (
+    MAX_TRAIN_MASKS,
+    floors,
+    format_report,
+    learning_report,
+    short_name,
+    structure_dice,
+)
 from ctkit.utils import BadInput
 from model import build_model, probabilities
 
@@ -171,11 +178,11 @@ def evidence_by_anatomy(shares, labels, task):
 
 def format_evidence(table, title):
     columns = list(next(iter(table.values())))[1:]
-    head = f"{'finding':<28}{'pos':>5}" + "".join(f"{c[:11]:>12}" for c in columns)
+    head = f"{'finding':<28}{'pos':>5}" + "".join(f"{short_name(c):>13}" for c in columns)
     lines = [title, head, "-" * len(head)]
     for name, row in table.items():
         label = f"{ABBREVIATIONS.get(name, '')} {name}".strip()[:27]
-        lines.append(f"{label:<28}{row['positives']:>5}" + "".join(f"{row[c]:12.3f}" for c in columns))
+        lines.append(f"{label:<28}{row['positives']:>5}" + "".join(f"{row[c]:13.3f}" for c in columns))
     return "\n".join(lines)
 
 
