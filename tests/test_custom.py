@@ -209,3 +209,16 @@ def test_a_split_drawn_with_other_settings_is_refused(tmp_path):
     assert sorted(again.values()) == ["test", "train", "train", "train"]
     with pytest.raises(labels.BadInput, match="drawn with seed 0, this run asks for seed 1"):
         labels.patient_split({"a", "b", "c", "d"}, tmp_path / "split.csv", seed=1, test_fraction=0.25)
+
+
+def test_evidence_by_anatomy_on_your_own_data(export, tmp_path):
+    import evaluate
+
+    train_custom(export, tmp_path / "run")
+    args = evaluate.get_args_parser().parse_args([str(tmp_path / "run"), "--evidence"])
+    (table,) = evaluate.main(args)
+    assert list(table) == list(FINDINGS)
+    paper = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
+             "lung_lower_lobe_right", "heart"]  # fmt: skip
+    assert list(table["nodule"])[1:] == [*paper, "outside"]
+    assert (tmp_path / "run" / "evidence_by_anatomy_test.csv").exists()
