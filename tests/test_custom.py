@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ctkit import ct_io, labels, prep
+from ctkit.regions import REGIONS
 from helpers import make_masks_cli, phantom, train_cli, write_dicom_series
 
 FINDINGS = ("pneumothorax", "nodule")
@@ -218,7 +219,6 @@ def test_evidence_by_anatomy_on_your_own_data(export, tmp_path):
     args = evaluate.get_args_parser().parse_args([str(tmp_path / "run"), "--evidence"])
     (table,) = evaluate.main(args)
     assert list(table) == list(FINDINGS)
-    paper = ["lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
-             "lung_lower_lobe_right", "heart"]  # fmt: skip
+    paper = list(REGIONS["chest"]["structures"])
     assert list(table["nodule"])[1:] == [*paper, "outside"]
     assert (tmp_path / "run" / "evidence_by_anatomy_test.csv").exists()
