@@ -80,15 +80,16 @@ def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=N
         geometry.update(pad=tuple(pad))
     if anatomy is None:  # the paper's structures: in the phantoms' scheme, or by name only (nothing read)
         in_memory = dataset == "synthetic"
-        anatomy = (
-            ("", *structures.parse("paper", synthetic.SCHEME, region))
-            if in_memory
-            else ("", REGIONS[region]["structures"], ())
-        )
+        anatomy = ("", *structures.parse("paper", synthetic.SCHEME, region)) if in_memory else by_name(region)
     scheme, names, ids = anatomy
     kind = "ratic" if dataset == "ratic" else "multilabel"
     classes = tuple(classes or labels.CLASSES[dataset])
     return Task(dataset, kind, region, classes, names, **geometry, structure_ids=ids, scheme=scheme)
+
+
+def by_name(region):
+    """The anatomy of a task that never reads masks: the paper's structures by name, no stored labels."""
+    return "", REGIONS[region]["structures"], ()
 
 
 def anatomy(spec, source, region, with_mask=True):
@@ -99,14 +100,14 @@ def anatomy(spec, source, region, with_mask=True):
         return ("", *structures.parse(spec, synthetic.SCHEME, region))
     prep.check_prep_dir(source.prep_dir, source.data_path)
     if not with_mask and not os.path.exists(os.path.join(source.prep_dir, prep.SCHEME)):
-        return "", REGIONS[region]["structures"], ()
+        return by_name(region)
     name, table, stamp = prep.read_scheme(source.prep_dir)
     try:
         return (stamp, *structures.parse(spec, table, region))
     except BadInput:
         if with_mask:
             raise
-        return "", REGIONS[region]["structures"], ()  # a run without masks: its structures are never read
+        return by_name(region)  # a run without masks: its structures are never read
 
 
 def stored_lut(task, source):
@@ -295,6 +296,15 @@ class Source:
     labels: str | None = None
     test_fraction: float | None = None
     split_file: str | None = None
+
+    @classmethod
+    def of_run(cls, settings, run_folder):
+        """The Source of a run from its settings (train.Settings as a dict, or its config.json): a custom
+        dataset's drawn split is kept in the run folder."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"split_file"}
+        given = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items() if k in fields}
+        custom = settings["dataset"] == "custom"
+        return cls(**given, split_file=os.path.join(run_folder, "split.csv") if custom else None)
 
 
 def label_tables(source):

@@ -203,12 +203,8 @@ def run_evidence(folder):
         )
     model = build_model(config["model"], task, config["seg"])
     model.load_state_dict(state["model"])
-    fields = {f.name for f in dataclasses.fields(data.Source)}
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
-    split_file = os.path.join(folder, "split.csv") if config["dataset"] == "custom" else None
-    test = data.build_datasets(task, data.Source(**given, split_file=split_file), config["seed"], True)[
-        "test"
-    ]
+    source = data.Source.of_run(config, folder)
+    test = data.build_datasets(task, source, config["seed"], with_mask=True)["test"]
     loader = data.make_loader(test, False, batch_size=4)
     table = evidence_by_anatomy(evidence_split(model.eval(), loader, task), test.labels, task)
     utils.write_json(os.path.join(folder, "evidence_by_anatomy_test.json"), table)

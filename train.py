@@ -141,10 +141,7 @@ class Settings:
 
     def source(self):
         """Where the cases come from (data.Source); a custom dataset's drawn split is kept with the run."""
-        split_file = os.path.join(self.output_dir, "split.csv") if self.dataset == "custom" else None
-        return data.Source(self.dataset, self.data_path, self.prep_dir, self.val_fraction, self.split_seed,
-                           self.skip_missing, self.synthetic_cases, self.labels, self.test_fraction,
-                           split_file)  # fmt: skip
+        return data.Source.of_run(dataclasses.asdict(self), self.output_dir)
 
 
 def resolve(args, region, device):

@@ -14,7 +14,6 @@ except the seg head (which that loss does not depend on):
 """
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -101,10 +100,7 @@ def fixed_batches(config, cases, batch_size, run_folder="."):
         ids, volumes, labels = synthetic.synthetic_split("train", cases, pad=task.pad)
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
     else:  # the run's own cases; the crops only: no masks are needed
-        fields = {f.name for f in dataclasses.fields(data.Source)}
-        given = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields}
-        split_file = os.path.join(run_folder, "split.csv") if config["dataset"] == "custom" else None
-        source = data.Source(**given, split_file=split_file)
+        source = data.Source.of_run(config, run_folder)
         dataset = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
         dataset.train = False  # centre crops, no random offsets
     samples = [dataset[i] for i in range(min(cases, len(dataset)))]
