@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
-from ctkit import compare, evidence, utils
+from ctkit import compare, evidence, precision, utils
 from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
 from ctkit.learning_report import (
     MAX_TRAIN_MASKS,
@@ -112,7 +112,7 @@ def for_each_case(model, loader, task, amp, fn, empty):
     indices, rows = [torch.zeros(0, dtype=torch.long)], [empty]
     for batch in loader:
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)
-        with torch.autocast(device.type, utils.amp_dtype(device), enabled=amp):
+        with torch.autocast(device.type, precision.amp_dtype(device), enabled=amp):
             rows.append(fn(ct, batch).cpu())
         indices.append(batch["index"])
     return utils.gather_cases(indices, rows, len(loader.dataset))

@@ -26,7 +26,7 @@ import torch
 
 import data
 import evaluate
-from ctkit import labels, mask_qc, utils
+from ctkit import labels, mask_qc, precision, utils
 from ctkit.labels import by_patient
 from ctkit.pretrained import load_pretrained
 from ctkit.utils import BadInput
@@ -44,7 +44,7 @@ EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
 # fmt: off
 RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
                    "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases",
-                   "labels", "test_fraction")  # the structures are part of the task
+                   "labels", "test_fraction", "amp")  # the structures are part of the task
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
          "seg_report_val.json", "seg_report_test.json", "sharpness.json")
@@ -206,7 +206,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True) if s.seg else None  # the only difference of --seg
-        with torch.autocast(device.type, utils.amp_dtype(device), enabled=s.amp):
+        with torch.autocast(device.type, precision.amp_dtype(device), enabled=s.amp):
             loss, cls_loss, seg_loss = objective(ct, labels, mask)  # L = L_cls + seg_weight * L_seg
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients (the scaler only scales with fp16)
@@ -241,7 +241,7 @@ def setup_model(s, task, device):
     if s.channels_last:  # the same model; oneDNN / cuDNN convolutions run faster in this layout
         model.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=s.amp and utils.amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=s.amp and precision.amp_dtype(device) == torch.float16)
     if not s.resume:
         return model, optimizer, scaler, 0, -math.inf
     settings = {key: getattr(s, key) for key in RESUME_SETTINGS}
@@ -314,6 +314,9 @@ def prepare_run(args, device):
     """(Settings, Task, {split: dataset}); rank 0 writes config.json and prints what the run uses."""
     region = data.region_of(args.dataset, args.region)
     s, notes = resolve(args, region, device)
+    fault = s.amp and precision.bf16_fault(torch.device(device).type)
+    if fault:  # before anything is written: a wrong bf16 gradient would train without a word
+        raise BadInput(f"--amp: {fault}; train in fp32: leave out --amp")
     try:
         classes = labels.custom_classes(s.labels) if s.dataset == "custom" else None
         anatomy = data.anatomy(s.structures, s.source(), region, with_mask=s.seg)

@@ -220,12 +220,6 @@ def gather_cases(indices, values, n):
     return np.concatenate([p[1] for p in parts])[np.argsort(order)]
 
 
-def amp_dtype(device):
-    """bf16 autocast (the paper's mixed precision); fp16 with loss scaling on GPUs without bf16."""
-    cuda = torch.device(device).type == "cuda"
-    return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
-
-
 def clip_grad_norm(parameters, max_norm):
     """Gradient norm before clipping (what Figure 3 plots); max_norm 0 logs it without clipping."""
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)

@@ -15,7 +15,7 @@ import torch
 
 import data
 import model
-from ctkit import ct_io, synthetic, utils
+from ctkit import ct_io, precision, synthetic, utils
 from ctkit import prep as prep_folder
 from ctkit.ct_io import AIR_HU
 from helpers import EXAMPLE, make_masks_cli, prepared_synthetic, train_cli
@@ -208,10 +208,13 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     assert len(log_rows(tmp_path / "two" / "iterations.csv")) == 2  # 8 cases / (2 processes x 2) per step
 
 
-def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path):
+def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path, monkeypatch):
     run_train(tmp_path / "run")
     with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with epochs=2, now 3"):
         train_cli(*SMALL, "--epochs", "3", "--output-dir", tmp_path / "run", "--resume")
+    monkeypatch.setattr(precision, "bf16_fault", lambda device_type: None)  # as on a CPU whose bf16 is right
+    with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with amp=False, now True"):
+        train_cli(*SMALL, "--amp", "--output-dir", tmp_path / "run", "--resume")
     with pytest.raises(SystemExit, match="--test-only evaluates a checkpoint"):
         train_cli(*SMALL, "--test-only")
     log = (tmp_path / "run" / "iterations.csv").read_text()
