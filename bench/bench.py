@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
-from ctkit import ct_io, structures  # noqa: E402
+from ctkit import ct_io, precision, structures  # noqa: E402
 from ctkit.regions import REGIONS  # noqa: E402
 from model import ARCHS, Objective, build_model  # noqa: E402
 
@@ -203,8 +203,9 @@ def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
     return results
 
 
-def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0):
-    """(samples/s, peak GiB) of bf16 training steps of `model`, median of `steps` after 2 warm-up steps."""
+def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0, amp=True):
+    """(samples/s, peak GiB) of training steps of `model` (bf16 autocast with amp, else fp32), median of
+    `steps` after 2 warm-up steps."""
     model = model.to(device).train()
     objective = Objective(model, "multilabel", seg_chunk=seg_chunk)
     optimizer = torch.optim.AdamW(model.parameters(), 1e-5)
@@ -217,7 +218,7 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
             train_step(objective, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -228,11 +229,14 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0
 
 def bench_gpu(steps, device, archs, tiny=False, chunk=8):
     """Samples/s and peak memory per model w/o seg, w/ seg and w/ seg + --seg-chunk, Table 4's batch sizes,
-    chest crop, bf16; then R3D-18's seg head over all 117 TotalSegmentator classes (118 with background)."""
+    chest crop, bf16 (fp32 on a CPU whose bf16 is wrong: ctkit/precision.py); then R3D-18's seg head over all
+    117 TotalSegmentator classes (118 with background)."""
     crop = (16, 32, 32) if tiny else REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else precision.cpu_name()
     cuda = torch.version.cuda if device == "cuda" else "-"
-    print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, bf16 autocast")
+    amp = precision.bf16_fault(device) is None
+    arithmetic = "bf16 autocast" if amp else "fp32 (bf16 3D convolutions are wrong on this CPU)"
+    print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, {arithmetic}")
     print(f"  {'model':6s} {'batch':>5s} {'seg':>12s} {'samples/s':>10s} {'peak GiB':>9s}")
     task, results = data.make_task("ctrate", crop), {}
     for arch in archs:
@@ -241,7 +245,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
         for label, seg, seg_chunk in (("w/o", False, 0), ("w/", True, 0), (f"w/ chunk {chunk}", True, chunk)):
             torch.manual_seed(0)
             model = build_model(arch, task, seg)
-            rows[label] = step_stats(model, device, batch, crop, seg, steps, seg_chunk=seg_chunk)
+            rows[label] = step_stats(model, device, batch, crop, seg, steps, seg_chunk=seg_chunk, amp=amp)
             print(f"  {arch:6s} {batch:5d} {label:>12s} {rows[label][0]:10.2f} {rows[label][1]:9.2f}")
             del model
         for label in ("w/", f"w/ chunk {chunk}"):
@@ -254,7 +258,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
         torch.manual_seed(0)
         model = build_model("r3d", all_classes, True)
         try:
-            rows = step_stats(model, device, batch, crop, True, steps, structures=117, seg_chunk=seg_chunk)
+            rows = step_stats(model, device, batch, crop, True, steps, 117, seg_chunk, amp)
             print(f"  {'r3d':6s} {batch:5d} {label:>12s} {rows[0]:10.2f} {rows[1]:9.2f}")
             results[f"r3d {label}"] = rows
         except torch.cuda.OutOfMemoryError:
@@ -292,7 +296,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
         for step, sample in enumerate(loader):
             got = time.perf_counter()
             ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
-            with torch.autocast(device, dtype=torch.bfloat16):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision.bf16_fault(device) is None):
                 labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
                 train_step(objective, optimizer, ct, labels, mask)
             if device == "cuda":
@@ -376,7 +380,7 @@ def main():
         classes, chunk, *crop = args.structures_worker
         return structures_worker(classes, 3, tuple(crop), 2, chunk)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores: {precision.cpu_name()}")
     if args.gpu:
         bench_gpu(args.repeats, args.device, ARCHS, args.tiny, args.seg_chunk)
         bench_data_wait(args.device, args.repeats, args.workers, args.tiny)

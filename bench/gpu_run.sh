@@ -69,9 +69,11 @@ masks_bench() { # make_masks.py's network pass per case with the offline stand-i
 
 "$py" - > "$work/environment.txt" 2>&1 << 'EOF'
 import os, platform, torch
+from ctkit import precision
 cuda = torch.cuda.is_available()
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"cuDNN {torch.backends.cudnn.version()}, {os.cpu_count()} CPU cores")
+      f"cuDNN {torch.backends.cudnn.version()}, {os.cpu_count()} CPU cores: {precision.cpu_name()}")
+print(f"bf16 on the CPU: {precision.bf16_fault('cpu') or 'right (ctkit/precision.py)'}")
 print(f"device: {torch.cuda.get_device_name() if cuda else 'none (CPU rehearsal)'}, "
       f"{torch.cuda.device_count()} GPU(s)")
 EOF

@@ -8,7 +8,9 @@ by default, 96 x 192 x 192 (grid 6 x 12 x 12, docs/synthetic_study_grid6.md) wit
 
 Every command resumes: a run with a checkpoint continues (--resume), a finished run is not trained again, a
 scored run is not scored again. Runs go to runs/study64/ (--out). --smoke: tiny runs (2 steps, 20/10/12
-phantoms) that rehearse the commands on a CPU.
+phantoms) that rehearse the commands on a CPU. `check` and `run` first print the arithmetic (bf16 autocast, or
+fp32 where this CPU's bf16 3D convolutions are wrong: ctkit/precision.py) and the measured seconds per
+training step at the study's geometry, from which a protocol's step budget is sized.
 """
 
 import argparse
@@ -20,11 +22,12 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+import bench  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from ctkit import evidence, synthetic, utils  # noqa: E402
+from ctkit import evidence, precision, synthetic, utils  # noqa: E402
 from ctkit.ct_io import AIR_HU  # noqa: E402
 from ctkit.labels import read_predictions  # noqa: E402
 from model import build_model  # noqa: E402
@@ -45,6 +48,25 @@ AUC_RANGE = (0.60, 0.85)
 STUDY_LEVEL = "C"  # the check's result (docs/synthetic_study_grid4.md §2), committed before any --seg run
 ARMS, SEEDS = ("base", "seg"), (0, 1, 2)
 SCORES = ("point_region", "point_finding", "share")  # evidence.localisation_scores; the region is the lobe
+
+
+def arithmetic(smoke):
+    """Drop --amp where bf16 does not train right on this machine (ctkit/precision.py), then print the seconds
+    per training step of the seg arm (R3D-18, the study's crop and batch; batch 2 with --smoke)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fault = precision.bf16_fault(device)
+    if fault:
+        GEOMETRY.remove("--amp")
+        print(f"the study trains in fp32: {fault}")
+    crop, batch = tuple(int(v) for v in GEOMETRY[1:4]), 2 if smoke else train.TABLE4_BATCH[("chest", "r3d")]
+    torch.manual_seed(0)
+    net = build_model("r3d", data.make_task("synthetic", crop), seg=True)
+    if "--channels-last" in GEOMETRY:
+        net = net.to(memory_format=torch.channels_last_3d)
+    seconds = batch / bench.step_stats(net, device, batch, crop, True, 1 if smoke else 3, amp=not fault)[0]
+    name = torch.cuda.get_device_name() if device == "cuda" else precision.cpu_name()
+    settings = " ".join(["fp32" if fault else "bf16", *GEOMETRY[4:]])
+    print(f"{name}: {seconds:.2f} s per training step (r3d w/ seg, batch {batch}, crop {crop}, {settings})")
 
 
 def train_run(folder, extra, level):
@@ -204,6 +226,8 @@ def main():
     OUT, GEOMETRY = args.out, ["--crop", *map(str, args.crop), *GEOMETRY[4:]]
     SMOKE = "--synthetic-cases 20 10 12 --max-steps 2 --epochs 1 -j 0".split() if args.smoke else []
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.command != "report":
+        arithmetic(args.smoke)
     if args.command == "check":
         check(args.level)
     elif args.command == "run":
