@@ -61,7 +61,7 @@ export -f study
 export py work
 masks_bench() { # make_masks.py's network pass per case with the offline stand-in, where TotalSegmentator is
   if "$py" -c "import totalsegmentator, nnunetv2" 2> /dev/null; then
-    stage 2b_masks "$1" "$py" bench/masks.py --cases "$2" --device "$3"
+    stage 2b_masks "$1" "$py" bench/masks.py --cases "$2" --device "$3" "${@:4}"
   else
     echo "2b_masks: skipped, TotalSegmentator / nnunetv2 not installed" | tee -a "$work/stages.txt"
   fi
@@ -81,8 +81,8 @@ if [ "$smoke" = "--smoke" ]; then
   export REHEARSE_CUDA_ON_CPU=1 STUDY_SEEDS=0 # the rehearsal: one seed of the study is enough
   stage 1_cuda_tests 600 "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
   stage 2_bench 600 "$py" bench/bench.py --gpu --tiny --device cpu --repeats 1 --workers 0
-  masks_bench 600 1 cpu
-  stage 3_study 900 bash -c 'study "$@"' study --crop 32 48 48 --out "$work/study96" --smoke
+  masks_bench 600 1 cpu --shape 122 101 56 # a quarter of each axis: the code path, not the time
+  stage 3_study 900 bash -c 'study "$@"' study --crop 16 32 32 --out "$work/study96" --smoke
 else
   stage 1_cuda_tests 100 "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
   stage 2_bench 150 "$py" bench/bench.py --gpu --repeats 10 --workers 8

@@ -4,7 +4,8 @@
     python bench/masks.py --cases 5 --real # your TotalSegmentator weights (TOTALSEG_HOME_DIR), --device gpu
 
 The CT is realistic in size: the example abdomen CT resampled to 488 x 404 x 224 voxels of 0.75 x 0.75 x
-1.5 mm (random noise of that size if the example is not there), stored as .nii.gz like a dataset. Both engines
+1.5 mm (random noise of that size if the example is not there; --shape: fewer voxels of the same size, the
+example squeezed into them, for a quick rehearsal), stored as .nii.gz like a dataset. Both engines
 run the whole make_masks.py path on the same copies of it: `--engine totalsegmentator` (TotalSegmentator's
 own call per case) and `--engine predictor` (one predictor per process, reads and writes in threads). The
 predictor's one-time set-up is timed separately, and one case's stages are timed on their own.
@@ -25,21 +26,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import make_masks  # noqa: E402
-from ctkit import ct_io, totalseg  # noqa: E402
+from ctkit import ct_io, precision, totalseg  # noqa: E402
 
 SHAPE, ZOOMS = (488, 404, 224), (0.75, 0.75, 1.5)
 EXAMPLE = ROOT.parent / "shared" / "data" / "totalsegmentator_example" / "example_ct.nii.gz"
 
 
-def write_ct(path):
-    """A CT of SHAPE voxels of ZOOMS mm (RAS), from the example CT if it is there."""
+def write_ct(path, shape=SHAPE):
+    """A CT of `shape` voxels of ZOOMS mm (RAS), from the example CT if it is there."""
     if EXAMPLE.exists():
         source = nib.load(EXAMPLE)
-        factors = [n / m for n, m in zip(SHAPE, source.shape)]
-        volume = ndimage.zoom(source.get_fdata(dtype=np.float32), factors, order=1)
-        affine = source.affine @ np.diag([*(1 / f for f in factors), 1])
+        volume = ndimage.zoom(
+            source.get_fdata(dtype=np.float32), [n / m for n, m in zip(shape, source.shape)], order=1
+        )
+        affine = source.affine @ np.diag([*(m / n for n, m in zip(SHAPE, source.shape)), 1])  # as at SHAPE
     else:
-        volume = np.random.default_rng(0).normal(-300, 300, SHAPE).astype(np.float32)
+        volume = np.random.default_rng(0).normal(-300, 300, shape).astype(np.float32)
         affine = np.diag([*ZOOMS, 1.0])
     nib.save(nib.Nifti1Image(np.rint(volume).astype(np.int16), affine), path)
 
@@ -78,6 +80,7 @@ def main():
     parser.add_argument("--cases", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--real", action="store_true", help="use the installed TotalSegmentator weights")
+    parser.add_argument("--shape", type=int, nargs=3, default=SHAPE, metavar=("X", "Y", "Z"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -88,11 +91,12 @@ def main():
             os.environ["TOTALSEG_HOME_DIR"] = str(folder / "home")
             os.environ.pop("TOTALSEG_WEIGHTS_PATH", None)
         (folder / "src").mkdir()
-        write_ct(folder / "src" / "case0.nii.gz")
+        write_ct(folder / "src" / "case0.nii.gz", args.shape)
         for i in range(1, args.cases):
             os.link(folder / "src" / "case0.nii.gz", folder / "src" / f"case{i}.nii.gz")
         source = "installed weights" if args.real else "stand-in model"
-        print(f"{args.cases} cases of {SHAPE} voxels, {ZOOMS} mm, {os.cpu_count()} CPU cores, {args.device}")
+        cpu = f"{os.cpu_count()} CPU cores: {precision.cpu_name()}"
+        print(f"{args.cases} cases of {tuple(args.shape)} voxels, {ZOOMS} mm, {cpu}, {args.device}")
         print(f"TotalSegmentator 'total' fast: {source}")
         for name, seconds in stages(folder / "src", args.device).items():
             print(f"  {name:<40} {seconds:6.2f} s")

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,12 +22,25 @@ from ctkit.ct_io import AIR_HU
 from helpers import EXAMPLE, make_masks_cli, prepared_synthetic, train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = "--synthetic-cases 12 2 4 -b 2 -j 0 --epochs 2 --print-freq 1".split()
+SMALL = "--synthetic-cases 12 2 4 --crop 16 32 32 -b 2 -j 0 --epochs 2 --print-freq 1".split()
+SEG_RUN = [*SMALL, "--seg", "--checkpoint-every", "2"]  # the shared run: 12 steps, checkpoints every 2
 
 
 def run_train(out, *extra):
     train_cli(*SMALL, "--output-dir", out, *extra)
     return (out / "predictions_test.csv").read_text()
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    """One finished SEG_RUN, trained once for the tests of this file; a test that changes it copies it."""
+    out = tmp_path_factory.mktemp("seg_run")
+    train_cli(*SEG_RUN, "--output-dir", out)
+    return out
+
+
+def copy_of(run, folder):
+    return Path(shutil.copytree(run, folder))
 
 
 def log_rows(path, fields=utils.StepLog.FIELDS[:-1]):
@@ -35,26 +49,18 @@ def log_rows(path, fields=utils.StepLog.FIELDS[:-1]):
         return [[row[k] for k in fields] for row in csv.DictReader(f)]
 
 
-def test_two_runs_with_one_seed_write_identical_predictions(tmp_path):
-    first = run_train(tmp_path / "a", "--seg")
-    assert run_train(tmp_path / "b", "--seg") == first
-    assert log_rows(tmp_path / "a" / "iterations.csv") == log_rows(tmp_path / "b" / "iterations.csv")
+def test_two_runs_with_one_seed_write_identical_predictions(tmp_path, seg_run):
+    first = (seg_run / "predictions_test.csv").read_text()
+    train_cli(*SEG_RUN, "--output-dir", tmp_path / "b")
+    assert (tmp_path / "b" / "predictions_test.csv").read_text() == first
+    assert log_rows(seg_run / "iterations.csv") == log_rows(tmp_path / "b" / "iterations.csv")
     assert run_train(tmp_path / "c", "--seg", "--seed", "1") != first
 
 
-def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path):
-    straight = run_train(tmp_path / "straight", "--seg", "--checkpoint-every", "2")
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path, seg_run):
+    straight = (seg_run / "predictions_test.csv").read_text()
     out = tmp_path / "killed"
-    command = [
-        sys.executable,
-        "train.py",
-        *SMALL,
-        "--seg",
-        "--checkpoint-every",
-        "2",
-        "--output-dir",
-        str(out),
-    ]
+    command = [sys.executable, "train.py", *SEG_RUN, "--output-dir", str(out)]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log, deadline = out / "iterations.csv", time.time() + 120
     while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 1 + 9):
@@ -66,7 +72,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_result(tmp_path):
     assert not (out / "predictions_test.csv").exists()
     subprocess.run(command + ["--resume"], cwd=ROOT, check=True, capture_output=True)
     assert (out / "predictions_test.csv").read_text() == straight
-    assert log_rows(out / "iterations.csv") == log_rows(tmp_path / "straight" / "iterations.csv")
+    assert log_rows(out / "iterations.csv") == log_rows(seg_run / "iterations.csv")
     assert not list(out.glob(".*tmp*"))
 
 
@@ -189,7 +195,8 @@ def test_make_masks_reports_each_bad_input_by_file(tmp_path):
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     """Same global batches (DistributedSampler splits each permutation), every case predicted exactly once.
     With lr 0 the weights stay those of the seeded initialisation: the predictions must agree to rounding."""
-    common = "--model swin --synthetic-cases 8 3 5 --epochs 1 --lr 0 --device cpu -j 0 --print-freq 1".split()
+    common = "--model swin --synthetic-cases 8 3 5 --crop 16 32 32 --epochs 1 --lr 0 --device cpu".split()
+    common += ["-j", "0", "--print-freq", "1"]
     one = [sys.executable, "train.py", *common, "-b", "4", "--output-dir", str(tmp_path / "one")]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = [*torchrun, "train.py", *common, "-b", "2", "--output-dir", str(tmp_path / "two")]
@@ -208,37 +215,37 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     assert len(log_rows(tmp_path / "two" / "iterations.csv")) == 2  # 8 cases / (2 processes x 2) per step
 
 
-def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path, monkeypatch):
-    run_train(tmp_path / "run")
+def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path, monkeypatch, seg_run):
+    run = copy_of(seg_run, tmp_path / "run")
     with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with epochs=2, now 3"):
-        train_cli(*SMALL, "--epochs", "3", "--output-dir", tmp_path / "run", "--resume")
+        train_cli(*SEG_RUN, "--epochs", "3", "--output-dir", run, "--resume")
     monkeypatch.setattr(precision, "bf16_fault", lambda device_type: None)  # as on a CPU whose bf16 is right
     with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with amp=False, now True"):
-        train_cli(*SMALL, "--amp", "--output-dir", tmp_path / "run", "--resume")
+        train_cli(*SEG_RUN, "--amp", "--output-dir", run, "--resume")
     with pytest.raises(SystemExit, match="--test-only evaluates a checkpoint"):
-        train_cli(*SMALL, "--test-only")
-    log = (tmp_path / "run" / "iterations.csv").read_text()
-    train_cli(*SMALL, "--test-only", "--resume", tmp_path / "run" / "checkpoint.pth")  # into the run's folder
-    assert (tmp_path / "run" / "iterations.csv").read_text() == log  # its logs are left as they were
-    best = tmp_path / "run" / "checkpoint_best.pth"  # weights only: evaluated, not trained on
+        train_cli(*SEG_RUN, "--test-only")
+    log = (run / "iterations.csv").read_text()
+    train_cli(*SEG_RUN, "--test-only", "--resume", run / "checkpoint.pth")  # into the run's folder
+    assert (run / "iterations.csv").read_text() == log  # its logs are left as they were
+    best = run / "checkpoint_best.pth"  # weights only: evaluated, not trained on
     assert "optimizer" not in torch.load(best, weights_only=True)
-    train_cli(*SMALL, "--test-only", "--resume", best)
+    train_cli(*SEG_RUN, "--test-only", "--resume", best)
     with pytest.raises(SystemExit, match="holds only the best weights; resume training from checkpoint.pth"):
-        train_cli(*SMALL, "--output-dir", tmp_path / "run", "--resume", best)
+        train_cli(*SEG_RUN, "--output-dir", run, "--resume", best)
 
 
-def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path):
-    run_train(tmp_path, "--seg")
-    (tmp_path / "sharpness.json").write_text("{}")
-    train_cli(*SMALL, "--output-dir", tmp_path)  # without --seg, without --resume: a new run
-    assert not (tmp_path / "dice_test.json").exists() and not (tmp_path / "sharpness.json").exists()
+def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path, seg_run):
+    run = copy_of(seg_run, tmp_path / "run")
+    (run / "sharpness.json").write_text("{}")
+    train_cli(*SMALL, "--output-dir", run)  # without --seg, without --resume: a new run
+    assert not (run / "dice_test.json").exists() and not (run / "sharpness.json").exists()
 
 
-def test_a_log_without_header_ends_in_one_line(tmp_path):
-    run_train(tmp_path)
-    rows = (tmp_path / "iterations.csv").read_text().splitlines()
-    (tmp_path / "iterations.csv").write_text("\n".join(rows[1:]) + "\n")  # as an older version wrote it
-    command = [sys.executable, "train.py", *SMALL, "--output-dir", str(tmp_path), "--resume"]
+def test_a_log_without_header_ends_in_one_line(tmp_path, seg_run):
+    run = copy_of(seg_run, tmp_path / "run")
+    rows = (run / "iterations.csv").read_text().splitlines()
+    (run / "iterations.csv").write_text("\n".join(rows[1:]) + "\n")  # as an older version wrote it
+    command = [sys.executable, "train.py", *SEG_RUN, "--output-dir", str(run), "--resume"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "iterations.csv: header" in result.stderr.strip().splitlines()[-1]
