@@ -214,9 +214,9 @@ def test_each_backbone_trains(tmp_path, arch, seg):
 def test_fixed_batch_overfits():
     torch.manual_seed(0)
     cases, volumes, labels = synthetic.synthetic_split("train", 4)
-    ds = data.CTDataset(cases, volumes, labels, (40, 60, 60), (32, 48, 48), train=False, with_mask=True)
+    ds = data.CTDataset(cases, volumes, labels, (40, 60, 60), (16, 32, 32), train=False, with_mask=True)
     batch = ds.collate([ds[i] for i in range(4)])
-    net = CTClassifier("r3d", labels.shape[1], (32, 48, 48), seg_classes=7).train()
+    net = CTClassifier("r3d", labels.shape[1], (16, 32, 32), seg_classes=7).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x = data.normalize(batch["ct"], (-1000, 200))
     losses = []
@@ -229,9 +229,17 @@ def test_fixed_batch_overfits():
     assert losses[-1] < 0.5 * losses[0], losses
 
 
+TWO_EPOCHS = ["--epochs", "2", "--crop", "16", "32", "32"]  # 3 iterations per epoch
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The uninterrupted run each crash below is compared with (trained once)."""
+    return run_train(tmp_path_factory.mktemp("straight"), *TWO_EPOCHS)
+
+
 @pytest.mark.parametrize("crash_at", [3, 4], ids=["epoch-boundary", "mid-epoch"])
-def test_resume_round_trip_gives_identical_predictions(tmp_path, monkeypatch, crash_at):
-    straight = run_train(tmp_path / "straight", "--epochs", "2")
+def test_resume_round_trip_gives_identical_predictions(tmp_path, monkeypatch, crash_at, straight):
     real_save = utils.save_checkpoint
 
     def save_then_crash(path, state):
@@ -240,10 +248,10 @@ def test_resume_round_trip_gives_identical_predictions(tmp_path, monkeypatch, cr
             raise KeyboardInterrupt  # stands in for a crash right after the checkpoint landed
 
     monkeypatch.setattr(utils, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):  # 3 iterations per epoch; mid-epoch checkpoints every 2
-        run_train(tmp_path / "resumed", "--epochs", "2", "--checkpoint-every", "2")
+    with pytest.raises(KeyboardInterrupt):  # mid-epoch checkpoints every 2 iterations
+        run_train(tmp_path / "resumed", *TWO_EPOCHS, "--checkpoint-every", "2")
     monkeypatch.setattr(utils, "save_checkpoint", real_save)
-    resumed = run_train(tmp_path / "resumed", "--epochs", "2", "--checkpoint-every", "2", "--resume")
+    resumed = run_train(tmp_path / "resumed", *TWO_EPOCHS, "--checkpoint-every", "2", "--resume")
     assert read_rows(straight / "predictions_test.csv") == read_rows(resumed / "predictions_test.csv")
     log = [[r[k] for k in utils.StepLog.FIELDS[:-1]] for r in read_dicts(straight / "iterations.csv")]
     resumed_log = [[r[k] for k in utils.StepLog.FIELDS[:-1]] for r in read_dicts(resumed / "iterations.csv")]
@@ -251,7 +259,7 @@ def test_resume_round_trip_gives_identical_predictions(tmp_path, monkeypatch, cr
     state = utils.load_checkpoint(resumed / "checkpoint.pth")  # tensors and plain types only
     assert state["iteration"] == 6
     assert set(state) >= {"model", "optimizer", "scaler", "args", "task", "best_auc", "world_size"}
-    assert data.Task.from_dict(state["task"]) == data.make_task("synthetic")
+    assert data.Task.from_dict(state["task"]) == data.make_task("synthetic", crop=(16, 32, 32))
 
 
 def test_checkpoint_with_pickled_objects_is_refused(tmp_path):

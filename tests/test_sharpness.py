@@ -71,7 +71,11 @@ def test_measure_a_trained_run(tmp_path):
     """The command's path: a run folder's checkpoint, its first training phantoms, both measures saved."""
     from helpers import train_cli
 
-    train_cli(*"--synthetic-cases 6 2 3 -b 2 -j 0 --epochs 1 --seg".split(), "--output-dir", tmp_path)
+    train_cli(
+        *"--synthetic-cases 6 2 3 --crop 16 32 32 -b 2 -j 0 --epochs 1 --seg".split(),
+        "--output-dir",
+        tmp_path,
+    )
     result = sharpness.measure(tmp_path, cases=4, batch_size=2, iterations=3, draws=2)
     assert result["checkpoint"] == "checkpoint_best.pth" and result["cases"] == 4
     assert len(result["power_iterations"]) == 3 and np.isfinite(result["lambda_max"])
