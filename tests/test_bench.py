@@ -20,14 +20,6 @@ def test_bench_data_path_runs(capsys):
     assert "ours / memcpy" in capsys.readouterr().out
 
 
-def test_bench_gpu_code_path_runs_on_cpu(capsys):
-    bench.bench_gpu(steps=1, device="cpu", archs=["r3d"], tiny=True)
-    bench.bench_data_wait("cpu", steps=2, workers=0, tiny=True)
-    out = capsys.readouterr().out
-    assert "w/ / plain: step time" in out and "w/ chunk 8 / plain: step time" in out and "data wait" in out
-    assert "117 classes" in out and "117, chunk 8" in out
-
-
 def test_bench_structures_runs(capsys):
     ratios = bench.bench_structures(repeats=1, crop=(16, 32, 32))
     assert set(ratios) == {"paper", "all", "all, --seg-chunk 8"} and ratios["paper"] == (1.0, 1.0)
