@@ -68,7 +68,7 @@ def run_make_masks(src, dst, region, ts, *extra):
 
 
 def run_train(dataset, root, out, *extra):
-    short = "--seg --epochs 1 --max-steps 2 -b 2 -j 0 --crop 32 48 48".split()
+    short = "--seg --epochs 1 --max-steps 2 -b 2 -j 0 --crop 16 32 32".split()
     train_cli("--dataset", dataset, "--data-path", root, *short, "--output-dir", out, *extra)
     with open(out / "predictions_test.csv") as f:
         return list(csv.DictReader(f))

@@ -173,7 +173,7 @@ def test_predict_one_ct_matches_the_training_pipeline(tmp_path, capsys):
     train_cli(
         "--data-path",
         tmp_path / "syn",
-        *"--seg -b 2 -j 0 --epochs 1".split(),
+        *"--seg -b 2 -j 0 --epochs 1 --crop 16 32 32".split(),
         "--output-dir",
         tmp_path / "run",
     )

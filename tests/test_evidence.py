@@ -97,7 +97,8 @@ def test_evidence_by_anatomy_of_a_run(files, tmp_path, capsys):
     source = (
         ["--data-path", prepared_synthetic(tmp_path / "syn")] if files else ["--synthetic-cases", 4, 2, 4]
     )
-    train_cli(*source, "-b", "2", "-j", "0", "--epochs", "1", "--output-dir", tmp_path / "run")  # w/o seg
+    small = ["-b", "2", "-j", "0", "--epochs", "1", "--crop", "16", "32", "32"]
+    train_cli(*source, *small, "--output-dir", tmp_path / "run")  # w/o seg
     evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "run"), "--evidence"]))
     table = json.loads((tmp_path / "run" / "evidence_by_anatomy_test.json").read_text())
     assert list(table) == list(data.make_task("synthetic").classes)

@@ -224,7 +224,7 @@ def main():
     commands.add_parser("report")
     args = parser.parse_args()
     OUT, GEOMETRY = args.out, ["--crop", *map(str, args.crop), *GEOMETRY[4:]]
-    SMOKE = "--synthetic-cases 20 10 12 --max-steps 2 --epochs 1 -j 0".split() if args.smoke else []
+    SMOKE = "--synthetic-cases 20 10 12 --max-steps 2 --epochs 1 -b 2 -j 0".split() if args.smoke else []
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command != "report":
         arithmetic(args.smoke)
