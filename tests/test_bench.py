@@ -21,6 +21,6 @@ def test_bench_data_path_runs(capsys):
 
 
 def test_bench_structures_runs(capsys):
-    ratios = bench.bench_structures(repeats=1, crop=(16, 32, 32))
+    ratios = bench.bench_structures(repeats=1, crop=(8, 16, 16))
     assert set(ratios) == {"paper", "all", "all, --seg-chunk 8"} and ratios["paper"] == (1.0, 1.0)
     assert "peak memory of the model and steps" in capsys.readouterr().out
