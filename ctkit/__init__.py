@@ -11,5 +11,6 @@ pretrained       Kinetics-400 initialisation of the backbones
 learning_report  did the seg head learn each case's anatomy? floors from the training masks
 evidence         the linear head at every feature voxel: where a classifier's evidence lies
 compare          several runs side by side: Tables 1, 6-9, bootstrap CIs, Figure 3
+precision        --amp: the autocast dtype; a known-answer check of the CPU's bf16 3D convolutions
 utils            plumbing: atomic writes, CSV logs, torchrun, checkpoints, errors
 """
