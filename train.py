@@ -40,7 +40,7 @@ TABLE4_BATCH = {("chest", "r3d"): 10, ("chest", "swin"): 6, ("chest", "mvit"): 4
 TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6, "custom": 100}  # last 2: ours
 # fmt: on
 EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
-# what a resumed run must share with its checkpoint, or its steps, crops and schedule would not line up
+# what a resumed run must share with its checkpoint, or its steps, crops, schedule or arithmetic would differ
 # fmt: off
 RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
                    "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases",
@@ -85,7 +85,7 @@ def get_args_parser():
     p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
     p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
     p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0: no clipping (still logged)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (fp16 + loss scaling without bf16)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs without bf16: fp16; CPU: checked)")
     p.add_argument("--channels-last", action="store_true", help="channels-last 3D weights (faster convs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -227,14 +227,13 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0
     return batch / statistics.median(times[2:]), peak
 
 
-def bench_gpu(steps, device, archs, tiny=False, chunk=8):
+def bench_gpu(steps, device, archs, tiny=False, chunk=8, amp=True):
     """Samples/s and peak memory per model w/o seg, w/ seg and w/ seg + --seg-chunk, Table 4's batch sizes,
     chest crop, bf16 (fp32 on a CPU whose bf16 is wrong: ctkit/precision.py); then R3D-18's seg head over all
     117 TotalSegmentator classes (118 with background)."""
     crop = (16, 32, 32) if tiny else REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
     name = torch.cuda.get_device_name() if device == "cuda" else precision.cpu_name()
     cuda = torch.version.cuda if device == "cuda" else "-"
-    amp = precision.bf16_fault(device) is None
     arithmetic = "bf16 autocast" if amp else "fp32 (bf16 3D convolutions are wrong on this CPU)"
     print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, {arithmetic}")
     print(f"  {'model':6s} {'batch':>5s} {'seg':>12s} {'samples/s':>10s} {'peak GiB':>9s}")
@@ -267,7 +266,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8):
     return results
 
 
-def bench_data_wait(device, steps, workers, tiny=False):
+def bench_data_wait(device, steps, workers, tiny=False, amp=True):
     """Fraction of a training step spent waiting for the next batch, real DataLoader over stored volumes."""
     region = REGIONS["chest"]
     crop, pad = ((32, 48, 48), (40, 60, 60)) if tiny else (region["crop"], region["pad"])
@@ -296,7 +295,7 @@ def bench_data_wait(device, steps, workers, tiny=False):
         for step, sample in enumerate(loader):
             got = time.perf_counter()
             ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=precision.bf16_fault(device) is None):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
                 labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
                 train_step(objective, optimizer, ct, labels, mask)
             if device == "cuda":
@@ -382,8 +381,9 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores: {precision.cpu_name()}")
     if args.gpu:
-        bench_gpu(args.repeats, args.device, ARCHS, args.tiny, args.seg_chunk)
-        bench_data_wait(args.device, args.repeats, args.workers, args.tiny)
+        amp = precision.bf16_fault(args.device) is None  # bf16 where it trains right (ctkit/precision.py)
+        bench_gpu(args.repeats, args.device, ARCHS, args.tiny, args.seg_chunk, amp)
+        bench_data_wait(args.device, args.repeats, args.workers, args.tiny, amp)
         return
     bench_data_path(args.repeats)
     bench_seg_overhead(max(5, args.repeats // 3))

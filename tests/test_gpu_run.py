@@ -27,7 +27,8 @@ def test_gpu_run_smoke_rehearsal(tmp_path):
         bench = read("2_bench.txt")  # bench.py --gpu --tiny on the CPU: every model, seg and chunk ratio
         assert bench.count("w/ / plain: step time") == 3 and bench.count("w/ chunk 8 / plain: step time") == 3
         assert "117 classes" in bench and "117, chunk 8" in bench and "data wait" in bench
-        assert "CPU rehearsal" in read("environment.txt")
+        assert "CPU rehearsal" in read("environment.txt") and "bf16 on the CPU: " in read("environment.txt")
+        assert "s per training step (r3d w/ seg, batch 2, crop (16, 32, 32)" in read("3_study.txt")
         report = read("study96/report.txt")
     assert "learning report" in report and "point_region" in report
     expected = ("check_C/check.csv", "seg_s0/seg_report_test.json", "figure3.png", "report.txt")

@@ -8,8 +8,8 @@ by default, 96 x 192 x 192 (grid 6 x 12 x 12, docs/synthetic_study_grid6.md) wit
 
 Every command resumes: a run with a checkpoint continues (--resume), a finished run is not trained again, a
 scored run is not scored again. Runs go to runs/study64/ (--out). --smoke: tiny runs (2 steps, 20/10/12
-phantoms) that rehearse the commands on a CPU. `check` and `run` first print the arithmetic (bf16 autocast, or
-fp32 where this CPU's bf16 3D convolutions are wrong: ctkit/precision.py) and the measured seconds per
+phantoms) that rehearse the commands on a CPU. Before a run trains, it prints the arithmetic (bf16 autocast,
+or fp32 where this CPU's bf16 3D convolutions are wrong: ctkit/precision.py) and the measured seconds per
 training step at the study's geometry, from which a protocol's step budget is sized.
 """
 
@@ -75,6 +75,7 @@ def train_run(folder, extra, level):
     synthetic.NODULES = dict(nodules)
     if (folder / "predictions_test.csv").exists():
         return
+    arithmetic(smoke=bool(SMOKE))
     argv = [*GEOMETRY, *extra, "--epochs", str(epochs), "--output-dir", str(folder), "--resume", *SMOKE]
     print("train.py " + " ".join(argv), flush=True)
     train.cli(argv)
@@ -226,8 +227,6 @@ def main():
     OUT, GEOMETRY = args.out, ["--crop", *map(str, args.crop), *GEOMETRY[4:]]
     SMOKE = "--synthetic-cases 20 10 12 --max-steps 2 --epochs 1 -b 2 -j 0".split() if args.smoke else []
     OUT.mkdir(parents=True, exist_ok=True)
-    if args.command != "report":
-        arithmetic(args.smoke)
     if args.command == "check":
         check(args.level)
     elif args.command == "run":
