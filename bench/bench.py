@@ -232,7 +232,7 @@ def bench_gpu(steps, device, archs, tiny=False, chunk=8, amp=True):
     chest crop, bf16 (fp32 on a CPU whose bf16 is wrong: ctkit/precision.py); then R3D-18's seg head over all
     117 TotalSegmentator classes (118 with background)."""
     crop = (16, 32, 32) if tiny else REGIONS["chest"]["crop"]  # tiny: a CPU rehearsal of the code path
-    name = torch.cuda.get_device_name() if device == "cuda" else precision.cpu_name()
+    name = precision.device_name(device)
     cuda = torch.version.cuda if device == "cuda" else "-"
     arithmetic = "bf16 autocast" if amp else "fp32 (bf16 3D convolutions are wrong on this CPU)"
     print(f"{device}: {name}, torch {torch.__version__}, CUDA {cuda}, crop {crop}, {arithmetic}")
@@ -379,7 +379,7 @@ def main():
         classes, chunk, *crop = args.structures_worker
         return structures_worker(classes, 3, tuple(crop), 2, chunk)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores: {precision.cpu_name()}")
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPU cores: {precision.device_name()}")
     if args.gpu:
         amp = precision.bf16_fault(args.device) is None  # bf16 where it trains right (ctkit/precision.py)
         bench_gpu(args.repeats, args.device, ARCHS, args.tiny, args.seg_chunk, amp)

@@ -72,7 +72,7 @@ import os, platform, torch
 from ctkit import precision
 cuda = torch.cuda.is_available()
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"cuDNN {torch.backends.cudnn.version()}, {os.cpu_count()} CPU cores: {precision.cpu_name()}")
+      f"cuDNN {torch.backends.cudnn.version()}, {os.cpu_count()} CPU cores: {precision.device_name()}")
 print(f"bf16 on the CPU: {precision.bf16_fault('cpu') or 'right (ctkit/precision.py)'}")
 print(f"device: {torch.cuda.get_device_name() if cuda else 'none (CPU rehearsal)'}, "
       f"{torch.cuda.device_count()} GPU(s)")

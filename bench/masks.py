@@ -95,7 +95,7 @@ def main():
         for i in range(1, args.cases):
             os.link(folder / "src" / "case0.nii.gz", folder / "src" / f"case{i}.nii.gz")
         source = "installed weights" if args.real else "stand-in model"
-        cpu = f"{os.cpu_count()} CPU cores: {precision.cpu_name()}"
+        cpu = f"{os.cpu_count()} CPU cores: {precision.device_name()}"
         print(f"{args.cases} cases of {tuple(args.shape)} voxels, {ZOOMS} mm, {cpu}, {args.device}")
         print(f"TotalSegmentator 'total' fast: {source}")
         for name, seconds in stages(folder / "src", args.device).items():

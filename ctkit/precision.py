@@ -30,8 +30,10 @@ def amp_dtype(device):
     return torch.float16 if cuda and not torch.cuda.is_bf16_supported() else torch.bfloat16
 
 
-def cpu_name():
-    """The CPU's model name (/proc/cpuinfo on Linux), for messages and benchmark headers."""
+def device_name(device="cpu"):
+    """The GPU's or the CPU's model name (/proc/cpuinfo on Linux), for messages and benchmark headers."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
     try:
         with open("/proc/cpuinfo") as f:
             return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -67,10 +69,10 @@ def bf16_fault(device_type):
         errors = conv3d_errors(c_in, c_out, shape, channels_last, seed)
         for what, error in zip(("output", "input gradient", "weight gradient"), errors):
             if not error <= TOLERANCE:  # nan and inf included
-                layout = "channels-last" if channels_last else "contiguous"
+                layout, machine = "channels-last" if channels_last else "contiguous", device_name()
                 return (
-                    f"bf16 3D convolutions are wrong on this CPU ({cpu_name()}, torch {torch.__version__}): "
-                    f"the {what} of a {c_in} -> {c_out} channel convolution on a {layout} {shape[1:]} map "
-                    f"is off by {error:.3g} against fp32 (tolerance {TOLERANCE}; bf16 rounding: 0.004)"
+                    f"bf16 3D convolutions are wrong on this CPU ({machine}, torch {torch.__version__}):"
+                    f" the {what} of a {c_in} -> {c_out} channel convolution on a {layout} {shape[1:]} map"
+                    f" is off by {error:.3g} against fp32 (tolerance {TOLERANCE}; bf16 rounding: 0.004)"
                 )
     return None

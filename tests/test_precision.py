@@ -54,7 +54,7 @@ def test_an_injected_bf16_fault_is_found_and_train_refuses_amp(right_kernels, mo
 
     monkeypatch.setattr(F, "conv3d", faulty)
     fault = precision.bf16_fault("cpu")
-    assert f"the {where} of a 128 -> 128 channel convolution" in fault and precision.cpu_name() in fault
+    assert f"the {where} of a 128 -> 128 channel convolution" in fault and precision.device_name() in fault
     with pytest.raises(SystemExit) as stop:
         train_cli(*RUN, "--amp", "--output-dir", tmp_path / "run")
     message = str(stop.value)

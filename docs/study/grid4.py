@@ -55,7 +55,7 @@ def arithmetic(smoke):
     per training step of the seg arm (R3D-18, the study's crop and batch; batch 2 with --smoke)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fault = precision.bf16_fault(device)
-    if fault:
+    if fault and "--amp" in GEOMETRY:
         GEOMETRY.remove("--amp")
         print(f"the study trains in fp32: {fault}")
     crop, batch = tuple(int(v) for v in GEOMETRY[1:4]), 2 if smoke else train.TABLE4_BATCH[("chest", "r3d")]
@@ -64,8 +64,7 @@ def arithmetic(smoke):
     if "--channels-last" in GEOMETRY:
         net = net.to(memory_format=torch.channels_last_3d)
     seconds = batch / bench.step_stats(net, device, batch, crop, True, 1 if smoke else 3, amp=not fault)[0]
-    name = torch.cuda.get_device_name() if device == "cuda" else precision.cpu_name()
-    settings = " ".join(["fp32" if fault else "bf16", *GEOMETRY[4:]])
+    name, settings = precision.device_name(device), " ".join(["fp32" if fault else "bf16", *GEOMETRY[4:]])
     print(f"{name}: {seconds:.2f} s per training step (r3d w/ seg, batch {batch}, crop {crop}, {settings})")
 
 
