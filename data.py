@@ -283,7 +283,8 @@ class EpochSampler(torch.utils.data.Sampler):
 class Source:
     """Where a run's cases come from: the label files (data_path; a custom dataset's labels CSV),
     make_masks.py's output (prep_dir), and how splits are made. data_path None with dataset "synthetic":
-    phantoms made in memory, synthetic_cases of them per split (default synthetic.SYNTHETIC's sizes).
+    phantoms made in memory, synthetic_cases of them per split (default synthetic.SYNTHETIC's sizes), of
+    synthetic_variant (synthetic.VARIANTS).
     split_file: where a custom dataset's drawn split is kept (the run folder's split.csv)."""
 
     dataset: str
@@ -293,6 +294,7 @@ class Source:
     split_seed: int = 0
     skip_missing: bool = False
     synthetic_cases: tuple | None = None
+    synthetic_variant: str = "default"
     labels: str | None = None
     test_fraction: float | None = None
     split_file: str | None = None
@@ -333,7 +335,7 @@ def build_datasets(task, source, seed, with_mask):
     if source.dataset == "synthetic" and not source.data_path:  # phantoms in memory, sized to the pad box
         sizes = source.synthetic_cases or [synthetic.SYNTHETIC["sizes"][s] for s in ("train", "val", "test")]
         return {
-            s: make(*synthetic.synthetic_split(s, n, pad=task.pad), s)
+            s: make(*synthetic.synthetic_split(s, n, pad=task.pad, variant=source.synthetic_variant), s)
             for s, n in zip(("train", "val", "test"), sizes)
         }
     prep.check_prep_dir(source.prep_dir, source.data_path)

@@ -26,7 +26,7 @@ import torch
 
 import data
 import evaluate
-from ctkit import labels, mask_qc, precision, utils
+from ctkit import labels, mask_qc, precision, synthetic, utils
 from ctkit.labels import by_patient
 from ctkit.pretrained import load_pretrained
 from ctkit.utils import BadInput
@@ -44,7 +44,7 @@ EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
 # fmt: off
 RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
                    "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases",
-                   "labels", "test_fraction", "amp")  # the structures are part of the task
+                   "synthetic_variant", "labels", "test_fraction", "amp")  # the task holds the structures
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
          "seg_report_val.json", "seg_report_test.json", "sharpness.json")
@@ -95,6 +95,8 @@ def get_args_parser():
     p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="another crop (the pad scales)")
     p.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="override the pad box")
     p.add_argument("--synthetic-cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
+    p.add_argument("--synthetic-variant", default="default", choices=synthetic.VARIANTS,
+                   help="fissures: phantoms whose nodule labels need each case's lobes")  # fmt: skip
     return p
 
 
@@ -138,6 +140,7 @@ class Settings:
     crop: tuple | None
     pad: tuple | None
     synthetic_cases: tuple | None
+    synthetic_variant: str
 
     def source(self):
         """Where the cases come from (data.Source); a custom dataset's drawn split is kept with the run."""

@@ -38,6 +38,17 @@ NODULES = dict(radius=(4.5, 6.0), decoy_probability=0.25)  # calibrated (level D
 # The localised findings: (class, the lobe of the chest scheme it lies in); the findings map marks the voxels
 # of finding k with k + 1.
 LOCALISED = (("nodule_right_upper_lobe", 3), ("nodule_left_lower_lobe", 2))
+# The "fissures" variant (docs/synthetic_study_fissures.md): the labels need each case's lobes. Fissures are
+# visible sheets, their offset, slope and the horizontal fissure's height vary widely (in the lung's own -1..1
+# coordinates); each nodule lies against the fissure of its lobe, and a negative case holds a decoy across the
+# same fissure, in the neighbouring lobe of the same lung, with probability `decoy`. Nodule balls stay inside
+# the evaluated centre crop (within `inside` x the size of the centre: the crop is 0.8 of the pad box and
+# boxes vary by +-10 %). Lengths in units of a 60-voxel-wide slice.
+VARIANTS = ("default", "fissures")
+FISSURES = dict(offset=(-0.7, 0.8), slope=(-0.2, 1.8), horizontal=(-0.6, 0.4), hu=-700, half_width=0.5,
+                radius=(4.5, 6.0), gap=1.0, decoy=1.0, inside=0.36)  # fmt: skip
+NEIGHBOURS = {3: (4, 5), 2: (1,)}
+REDRAWS = 50  # the lobes across the fissures of each localised finding's lobe
 
 
 def _ellipsoid(z, y, x, center, radii):
@@ -59,14 +70,30 @@ def _ball_at(rng, candidates, shape, radius):
     return box, _ellipsoid(z, y, x, center, (radius,) * 3) <= 1
 
 
-def make_phantom(rng, shape=(40, 60, 60)):
+def make_phantom(rng, shape=(40, 60, 60), variant="default"):
     """One synthetic chest CT (int16 HU), its mask (chest scheme: 1-5 lobes, 6 heart), its labels
     (SYNTHETIC_CLASSES) and its findings map (uint8: k + 1 on the voxels of localised finding k of
     LOCALISED, 0 elsewhere; never used for training). Patient's left is low x (RAS), anterior is high y,
-    superior is high z. Every length scales with the shape: `u` is the unit of a 60-voxel-wide slice."""
+    superior is high z. Every length scales with the shape: `u` is the unit of a 60-voxel-wide slice.
+    variant "fissures": visible, widely varying fissures and nodules against them (FISSURES)."""
     u = min(shape[1:]) / 60.0
     labels = rng.random(len(SYNTHETIC_CLASSES)) < (0.35, 0.35, 0.3, 0.3, 0.3)
-    ct, mask, (z, y, x) = _anatomy(rng, shape, u, labels)
+    for _ in range(REDRAWS):  # the variant draws the case again where its lobes leave no room for a nodule
+        drawn = _case(rng, shape, u, labels, variant)
+        if drawn:
+            break
+    else:
+        raise RuntimeError(f"no room for the nodules of a {variant} phantom of {shape} in {REDRAWS} draws")
+    ct, mask, findings = drawn
+    ct += rng.normal(0, 20, size=shape).astype(np.float32)
+    ct[(mask == 0) & (ct < -1000)] = AIR_HU
+    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32), findings
+
+
+def _case(rng, shape, u, labels, variant):
+    """The anatomy and findings of make_phantom before noise: (ct float32, mask, findings), or None where
+    the fissures variant finds no room for a nodule."""
+    ct, mask, (z, y, x) = _anatomy(rng, shape, u, labels, variant == "fissures")
     findings = np.zeros(shape, np.uint8)
     lung_voxels = np.flatnonzero((mask.ravel() >= 1) & (mask.ravel() <= 5))
     for _ in range(25):  # vessels: small bright dots everywhere in the lungs
@@ -81,23 +108,61 @@ def make_phantom(rng, shape=(40, 60, 60)):
         level = 0.3 * shape[0] - 0.2 * shape[0] * y / (13 * u)  # the fluid level: higher posteriorly
         base = (z < level) & np.isin(mask, sides)
         ct[base], mask[base] = 15, 0
+    if variant != "fissures":
+        _nodules(rng, ct, mask, findings, labels, u)
+    elif not _nodules_at_fissures(rng, ct, mask, findings, labels, u):
+        return None
+    return ct, mask, findings
+
+
+def _nodules(rng, ct, mask, findings, labels, u):
+    """The default phantoms' nodules: anywhere in their lobe; a decoy in a lobe no label is about."""
     lobe_nodules = [(LOCALISED[0][1], labels[0], 1), (LOCALISED[1][1], labels[1], 2)]
-    if rng.random() < NODULES["decoy_probability"]:  # a distractor nodule in a lobe no label is about
+    if rng.random() < NODULES["decoy_probability"]:
         lobe_nodules.append((int(rng.choice([1, 4, 5])), True, 0))
     for lobe, present, finding in lobe_nodules:
         voxels = np.flatnonzero(mask.ravel() == lobe)
         if present and voxels.size:
-            box, ball = _ball_at(rng, voxels, shape, rng.uniform(*NODULES["radius"]) * u)
+            box, ball = _ball_at(rng, voxels, mask.shape, rng.uniform(*NODULES["radius"]) * u)
             ct[box][ball] = 40
             if finding:  # a decoy is no finding
                 findings[box][ball] = finding
-    ct += rng.normal(0, 20, size=shape).astype(np.float32)
-    ct[(mask == 0) & (ct < -1000)] = AIR_HU
-    return np.clip(ct, -1024, 3071).astype(np.int16), mask, labels.astype(np.float32), findings
 
 
-def _anatomy(rng, shape, u, labels):
-    """Body, spine, five lobes and the heart: (ct float32 HU, mask uint8, (z, y, x) rotated coordinates)."""
+def _nodules_at_fissures(rng, ct, mask, findings, labels, u):
+    """The fissures variant's nodules: for localised finding k in lobe L, a positive case gets a nodule in L
+    against the fissure to its neighbouring lobes (NEIGHBOURS), a negative one, with probability `decoy`, a
+    nodule in those neighbours against the fissure to L. The ball's centre lies within `gap` of the lobes
+    across and at least half a radius inside the lung, and the ball is drawn on its own lobe's voxels only:
+    flattened against the fissure (and the pleura), so that a nodule and a decoy at the same place differ
+    only in the side of the fissure they fill. False: no room for one."""
+    from scipy import ndimage  # scikit-learn's dependency; only this variant needs distance transforms
+
+    shape, index = np.array(mask.shape), np.indices(mask.shape, sparse=True)
+    in_lung = ndimage.distance_transform_edt((mask >= 1) & (mask <= 5))
+    for k, (_, lobe) in enumerate(LOCALISED):
+        if not labels[k] and rng.random() >= FISSURES["decoy"]:
+            continue
+        radius = rng.uniform(*FISSURES["radius"]) * u
+        home, other = ((lobe,), NEIGHBOURS[lobe]) if labels[k] else (NEIGHBOURS[lobe], (lobe,))
+        across = ndimage.distance_transform_edt(~np.isin(mask, other))  # to the nearest voxel across
+        fits = np.isin(mask, home) & (across <= FISSURES["gap"] * u + 0.5) & (in_lung >= radius / 2)
+        for axis, i in enumerate(index):  # the ball stays inside the evaluated crop
+            fits &= np.abs(i + 0.5 - shape[axis] / 2) <= FISSURES["inside"] * shape[axis] - radius
+        candidates = np.flatnonzero(fits)
+        if candidates.size == 0:
+            return False
+        box, ball = _ball_at(rng, candidates, mask.shape, radius)
+        ball &= np.isin(mask[box], home)
+        ct[box][ball] = 40
+        if labels[k]:  # a decoy is no finding
+            findings[box][ball] = k + 1
+    return True
+
+
+def _anatomy(rng, shape, u, labels, fissures=False):
+    """Body, spine, five lobes and the heart: (ct float32 HU, mask uint8, (z, y, x) rotated coordinates).
+    fissures: the variant's widely varying, visible fissures (FISSURES)."""
     d, h, w = shape
     angle = np.deg2rad(rng.uniform(-8, 8))
     shift = rng.uniform(-2, 2, size=2) * u
@@ -117,12 +182,23 @@ def _anatomy(rng, shape, u, labels):
         center, radii = (0.55 * d, -u, side * 12 * u), (0.42 * d * scale, 13 * u * scale, 9 * u * scale)
         lung = _ellipsoid(z, y, x, center, radii) <= 1
         vz, vy = (z - center[0]) / radii[0], (y - center[1]) / radii[1]  # -1..1; +vy anterior
-        lower = vz < 0.1 - 0.6 * vy + rng.uniform(-0.1, 0.1)  # oblique fissure
+        if fissures:
+            offset, slope = rng.uniform(*FISSURES["offset"]), rng.uniform(*FISSURES["slope"])
+            oblique, horizontal = offset - slope * vy, rng.uniform(*FISSURES["horizontal"])
+        else:
+            oblique, horizontal, slope = 0.1 - 0.6 * vy + rng.uniform(-0.1, 0.1), 0.05, 0.6
+        lower = vz < oblique  # below the oblique fissure
+        middle = ~lower & (vz < horizontal) if side > 0 else np.zeros_like(lower)  # right lung only
         ct[lung] = lung_hu
+        if fissures:  # voxels within half_width of either fissure's plane (voxels of a rotated frame)
+            width = FISSURES["half_width"] * u
+            sheet = np.abs(vz - oblique) < width * np.hypot(1 / radii[0], slope / radii[1])
+            if side > 0:
+                sheet |= ~lower & (np.abs(vz - horizontal) < width / radii[0])
+            ct[lung & sheet] = FISSURES["hu"]
         if side < 0:
             mask[lung & ~lower], mask[lung & lower] = 1, 2
-        else:
-            middle = ~lower & (vz < 0.05)  # below the horizontal fissure, anterior to the oblique one
+        else:  # the middle lobe: below the horizontal fissure, anterior to the oblique one
             mask[lung & ~lower & ~middle], mask[lung & middle], mask[lung & lower] = 3, 4, 5
     heart_scale = rng.normal(1.0, 0.05) * (1.3 if labels[2] else 1.0)
     radii = (0.2 * d * heart_scale, 9 * u * heart_scale, 10 * u * heart_scale)
@@ -131,20 +207,21 @@ def _anatomy(rng, shape, u, labels):
     return ct, mask, (z, y, x)
 
 
-def _phantom(seed, split, i, pad):
+def _phantom(seed, split, i, pad, variant):
     """Phantom i of a split for a pad box: its size is the box varied by up to +-4 voxels per axis (at the
     default box; the variation scales with it), then everything scales with the size (make_phantom)."""
     rng = np.random.default_rng([seed, ("train", "val", "test").index(split), i])
     shape = tuple(int(p + round(rng.integers(-4, 5) * p / s)) for p, s in zip(pad, SYNTHETIC["pad"]))
-    return make_phantom(rng, shape)
+    return make_phantom(rng, shape, variant)
 
 
-def phantoms(split, n, seed=0, pad=None):
+def phantoms(split, n, seed=0, pad=None, variant="default"):
     """The n phantoms (ct, mask, labels, findings) of a split, in order, for a pad box (default: the synthetic
-    task's). Each is a pure function of (seed, split, index, pad); large ones are made in parallel processes
-    (forked, as DataLoader workers are: the children run numpy only), with the same bytes."""
+    task's) and a variant (VARIANTS). Each is a pure function of (seed, split, index, pad, variant); large
+    ones are made in parallel processes (forked, as DataLoader workers are: the children run numpy only),
+    with the same bytes."""
     pad = tuple(pad or SYNTHETIC["pad"])
-    jobs = [(seed, split, i, pad) for i in range(n)]
+    jobs = [(seed, split, i, pad, variant) for i in range(n)]
     workers = min(os.cpu_count() or 1, 16, n) if np.prod(pad) >= PARALLEL_VOXELS else 1
     if workers <= 1:
         yield from (_phantom(*job) for job in jobs)
@@ -154,11 +231,11 @@ def phantoms(split, n, seed=0, pad=None):
         yield from pool.map(_phantom, *zip(*jobs), chunksize=max(1, n // (4 * workers)))
 
 
-def synthetic_split(split, n, seed=0, pad=None):
+def synthetic_split(split, n, seed=0, pad=None, variant="default"):
     """Deterministic phantoms for one split: (case ids, [(ct, mask)], labels (n, K)); sizes vary around
     the pad box so that padding and cropping are both exercised."""
     cases, volumes, labels = [], [], []
-    for i, (ct, mask, label, _) in enumerate(phantoms(split, n, seed, pad)):
+    for i, (ct, mask, label, _) in enumerate(phantoms(split, n, seed, pad, variant)):
         cases.append(f"synthetic_{split}_{i:04d}")
         volumes.append((ct, mask))
         labels.append(label)
@@ -170,8 +247,8 @@ def synthetic_findings(split, n, seed=0, pad=None):
     return [findings for *_, findings in phantoms(split, n, seed, pad)]
 
 
-def write_synthetic(out_dir, sizes=None, pad=None):
-    """Phantoms (for a pad box; default the synthetic task's) as a real dataset would come:
+def write_synthetic(out_dir, sizes=None, pad=None, variant="default"):
+    """Phantoms (for a pad box; default the synthetic task's; of a variant) as a real dataset would come:
     <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm), <out>/totalseg/<case>.nii.gz (TotalSegmentator
     'total' ids) and <out>/labels.csv."""
     from totalsegmentator.map_to_binary import class_map  # heavy optional dependency: only for writing files
@@ -185,7 +262,7 @@ def write_synthetic(out_dir, sizes=None, pad=None):
         os.makedirs(os.path.join(out_dir, sub), exist_ok=True)
     rows = []
     for split, n in (sizes or SYNTHETIC["sizes"]).items():
-        cases, volumes, labels = synthetic_split(split, n, pad=pad)
+        cases, volumes, labels = synthetic_split(split, n, pad=pad, variant=variant)
         for case, (ct, mask), label in zip(cases, volumes, labels):
             for sub, array in (("ct", ct), ("totalseg", to_totalseg[mask])):  # (D, H, W) -> NIfTI's (x, y, z)
                 with utils.atomic_path(os.path.join(out_dir, sub, f"{case}.nii.gz")) as tmp:
@@ -194,14 +271,14 @@ def write_synthetic(out_dir, sizes=None, pad=None):
     utils.write_csv(os.path.join(out_dir, "labels.csv"), ["case_id", "split", *SYNTHETIC_CLASSES], rows)
 
 
-def write_preview(path="synthetic_preview.png"):
+def write_preview(path="synthetic_preview.png", variant="default"):
     """Four training phantoms: an axial CT slice (titled with its findings) and a sagittal mask slice each."""
     import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    _, volumes, labels = synthetic_split("train", 4)
+    _, volumes, labels = synthetic_split("train", 4, variant=variant)
     fig, axes = plt.subplots(2, 4, figsize=(12, 6))
     for k, ((ct, mask), label) in enumerate(zip(volumes, labels)):
         axes[0, k].imshow(ct[ct.shape[0] // 3], cmap="gray", vmin=-1000, vmax=200, origin="lower")
@@ -218,16 +295,17 @@ def get_args_parser():
     parser.add_argument("--write", metavar="DIR", help="write ct/, totalseg/ and labels.csv into DIR")
     parser.add_argument("--cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), help="split sizes")
     parser.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="phantom size (40 60 60)")
+    parser.add_argument("--variant", default="default", choices=VARIANTS, help="which phantoms (FISSURES)")
     return parser
 
 
 def main(args):
     if not args.write:
-        write_preview()
+        write_preview(variant=args.variant)
         print("wrote synthetic_preview.png (axial CT slices, sagittal masks)")
         return
     sizes = dict(zip(("train", "val", "test"), args.cases)) if args.cases else None
-    write_synthetic(args.write, sizes, args.pad)
+    write_synthetic(args.write, sizes, args.pad, args.variant)
     print(f"wrote {args.write}/ct, totalseg and labels.csv")
 
 

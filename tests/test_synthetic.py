@@ -72,3 +72,43 @@ def test_train_crop_sizes_the_phantoms():
     for dataset in splits.values():
         for ct, mask in dataset.volumes:
             assert all(abs(s - p) <= 6 for s, p in zip(ct.shape, task.pad)) and ct.shape == mask.shape
+
+
+def boundary(mask, lobes_a, lobes_b):
+    """Voxels of lobes_a with a 6-neighbour in lobes_b."""
+    a, b = np.isin(mask, lobes_a), np.isin(mask, lobes_b)
+    near = np.zeros_like(b)
+    for axis in range(3):
+        for shift in (1, -1):
+            near |= np.roll(b, shift, axis)
+    return a & near
+
+
+def test_the_fissures_variant_draws_visible_varying_fissures_and_nodules_against_them():
+    """Every nodule of the variant fills only its own lobe and touches the fissure to the lobe across; every
+    negative case holds a decoy across that fissure; the fissures are brighter than the lung, and the lobes'
+    sizes vary far more than in the default phantoms."""
+    fissures = list(synthetic.phantoms("test", 16, variant="fissures"))
+    default = list(synthetic.phantoms("test", 16))
+    for ct, mask, labels, findings in fissures:
+        lung = (mask >= 1) & (mask <= 5)
+        sheet = boundary(mask, (1,), (2,)) | boundary(mask, (2,), (1,))
+        bright = ct > -780  # lung -850 with noise SD 20; fissures -700
+        air = ct < -300  # no nodule or vessel
+        assert bright[sheet & air].mean() > 0.3 and bright[lung & ~sheet & air].mean() < 0.05
+        for k, (_, lobe) in enumerate(synthetic.LOCALISED):
+            across = synthetic.NEIGHBOURS[lobe]
+            voxels = findings == k + 1
+            assert voxels.any() == bool(labels[k])
+            tissue = (ct > -300) & lung
+            if labels[k]:
+                assert np.all(mask[voxels] == lobe) and (voxels & boundary(mask, (lobe,), across)).any()
+                assert not (tissue & boundary(mask, across, (lobe,))).sum() > 0.5 * voxels.sum()  # no decoy
+            else:  # a decoy (decoy probability 1): nodule tissue in the lobes across, against the fissure
+                assert synthetic.FISSURES["decoy"] == 1.0
+                assert (tissue & boundary(mask, across, (lobe,))).sum() > 10
+
+    def lower_share(phantoms):  # the left lower lobe's share of the left lung, per case
+        return np.array([np.mean(m[np.isin(m, (1, 2))] == 2) for _, m, *_ in phantoms])
+
+    assert lower_share(fissures).std() > 2 * lower_share(default).std()  # 0.17 vs 0.06

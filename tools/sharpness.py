@@ -97,7 +97,8 @@ def fixed_batches(config, cases, batch_size, run_folder="."):
     """The first `cases` training cases of a run's dataset, centre-cropped and normalised, in batches."""
     task = data.Task.from_dict(config["task"])
     if config["dataset"] == "synthetic" and not config.get("data_path"):  # the same phantoms, made again
-        ids, volumes, labels = synthetic.synthetic_split("train", cases, pad=task.pad)
+        variant = config["synthetic_variant"]
+        ids, volumes, labels = synthetic.synthetic_split("train", cases, pad=task.pad, variant=variant)
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
     else:  # the run's own cases; the crops only: no masks are needed
         source = data.Source.of_run(config, run_folder)
