@@ -30,6 +30,7 @@ from ctkit.learning_report import (
     floors,
     format_report,
     learning_report,
+    lungs_of,
     short_name,
     structure_dice,
 )
@@ -241,7 +242,8 @@ def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=
                     len(task.structures),
                 )
                 train_masks = data.centre_masks(train_set, MAX_TRAIN_MASKS)
-                report_floors = report_floors or floors(train_masks, grid, n + 1, device)
+                lungs = lungs_of(task.structures)
+                report_floors = report_floors or floors(train_masks, grid, n + 1, device, lungs)
                 head, masks, bound_here = (
                     (float(ce.sum()), counts),
                     list(data.centre_masks(ds)),

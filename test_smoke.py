@@ -204,9 +204,10 @@ def test_each_backbone_trains(tmp_path, arch, seg):
     rows = read_dicts(tmp_path / "iterations.csv")
     assert len(rows) == 2 and list(rows[0]) == list(utils.StepLog.FIELDS)
     for row in rows:
-        loss, cls_loss, seg_loss, grad_norm = (float(row[k]) for k in utils.StepLog.VALUES)
+        loss, cls_loss, seg_loss, grad_norm, backbone_norm = (float(row[k]) for k in utils.StepLog.VALUES)
         assert all(math.isfinite(v) for v in (loss, cls_loss, seg_loss, grad_norm))
         assert (seg_loss > 0) == seg and math.isclose(loss, cls_loss + seg_loss, rel_tol=1e-4)
+        assert 0 < backbone_norm < grad_norm  # the heads' gradients add to the total
     assert len(read_rows(tmp_path / "predictions_test.csv")) == 1 + 3
     assert (tmp_path / "metrics_test.json").exists() and (tmp_path / "checkpoint.pth").exists()
 
@@ -323,3 +324,9 @@ def test_a_model_without_seg_head_says_so_when_given_a_mask():
         model.Objective(net, "multilabel")(
             torch.randn(1, 1, 32, 32, 32), torch.ones(1, 3), torch.zeros(1, 32, 32, 32)
         )
+
+
+def test_grad_norm_of_some_parameters():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # c has no gradient
+    assert float(utils.grad_norm([a, b, c])) == 5.0 and float(utils.grad_norm([c])) == 0.0

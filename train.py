@@ -199,6 +199,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
     total = per_epoch * s.epochs
     log_path = os.path.join(s.output_dir, "iterations.csv")
     log = utils.StepLog(log_path, total, skip_inf_grad=scaler.is_enabled())
+    backbone = list(getattr(objective, "module", objective).classifier.backbone.parameters())
     t_end = time.time()
     for i, batch in enumerate(loader, start=first):
         it, data_time = epoch * per_epoch + i, time.time() - t_end
@@ -213,12 +214,15 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
             loss, cls_loss, seg_loss = objective(ct, labels, mask)  # L = L_cls + seg_weight * L_seg
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients (the scaler only scales with fp16)
+        backbone_norm = utils.grad_norm(backbone)  # the part both arms share: Figure 3 compares it
         grad_norm = utils.clip_grad_norm(objective.parameters(), s.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
-        values = torch.stack([loss.detach(), cls_loss.detach(), seg_loss.detach().float(), grad_norm])
+        values = torch.stack(
+            [loss.detach(), cls_loss.detach(), seg_loss.detach().float(), grad_norm, backbone_norm]
+        )
         log.add(values, epoch=epoch, iteration=it, lr=lr, data_time=data_time)
         last = i + 1 == per_epoch
         save_now = s.checkpoint_every and (it + 1) % s.checkpoint_every == 0 and not last

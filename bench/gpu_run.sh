@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run (issue 20): CUDA tests, the benchmark at the paper's sizes, and the phantom study at the
-# paper's chest geometry (docs/synthetic_study_grid6.md), in that order, within a time budget. Each stage
+# One prepared GPU run (issue 20): CUDA tests, the benchmark at the paper's sizes, and the positive-control
+# phantom study at the paper's chest geometry (docs/synthetic_study_grid6.md: the fissures phantoms of
+# docs/synthetic_study_fissures.md), in that order, within a time budget. Each stage
 # writes its log as soon as it ends, a stage that fails or runs out of time does not stop the next, and after
 # every stage the results so far are packed into OUTDIR/gpu_run.tar.gz (checkpoints left out).
 #
@@ -45,15 +46,15 @@ stage() { # stage NAME CAP COMMAND...: runs with min(CAP, time left) seconds, lo
   pack
 }
 
-study() { # the phantom study at the paper's chest crop: check, then seeds in order while time lasts
+study() { # the positive control at the paper's chest crop: check, then seeds in order while time lasts
   local geometry=("$@")
-  "$py" docs/study/grid4.py "${geometry[@]}" check --level C | sed -u '/predictions_test.csv: /,/^thresholds: /d'
+  "$py" docs/study/grid4.py "${geometry[@]}" check --level F | sed -u '/predictions_test.csv: /,/^thresholds: /d'
   for seed in ${STUDY_SEEDS:-0 1 2}; do
     for arm in base seg; do
-      "$py" docs/study/grid4.py "${geometry[@]}" run --seed "$seed" --arm "$arm" --level C || return
-      rm -f "$work"/study96/"${arm}_s$seed"/*.pth # scored already; the checkpoints do not travel back
+      "$py" docs/study/grid4.py "${geometry[@]}" run --seed "$seed" --arm "$arm" --level F || return
+      rm -f "$work"/fissures96/"${arm}_s$seed"/*.pth # scored already; the checkpoints do not travel back
     done
-    "$py" docs/study/grid4.py "${geometry[@]}" report > "$work/study96_report_s$seed.txt" 2>&1
+    "$py" docs/study/grid4.py "${geometry[@]}" report > "$work/fissures96_report_s$seed.txt" 2>&1
   done
 }
 
@@ -82,12 +83,12 @@ if [ "$smoke" = "--smoke" ]; then
   stage 1_cuda_tests 600 "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
   stage 2_bench 600 "$py" bench/bench.py --gpu --tiny --device cpu --repeats 1 --workers 0
   masks_bench 600 1 cpu --shape 122 101 56 # a quarter of each axis: the code path, not the time
-  stage 3_study 900 bash -c 'study "$@"' study --crop 16 32 32 --out "$work/study96" --smoke
+  stage 3_study 900 bash -c 'study "$@"' study --crop 16 32 32 --out "$work/fissures96" --smoke
 else
   stage 1_cuda_tests 100 "$py" -m pytest -q -m cuda -p no:cacheprovider tests/test_cuda.py
   stage 2_bench 150 "$py" bench/bench.py --gpu --repeats 10 --workers 8
   masks_bench 60 2 gpu
-  stage 3_study 600 bash -c 'study "$@"' study --crop 96 192 192 --out "$work/study96"
+  stage 3_study 600 bash -c 'study "$@"' study --crop 96 192 192 --out "$work/fissures96"
 fi
 cp "$work/stages.txt" "$out/stages.txt"
 echo "done in $(($(date +%s) - start)) s; results in $out/gpu_run.tar.gz"

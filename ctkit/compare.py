@@ -190,7 +190,8 @@ def smoothed(values, span):
 
 
 def figure3(runs, path):
-    """Figure 3: gradient norm, total training loss (cls + seg) and, comparable between the arms, the
+    """Figure 3: gradient norm of all parameters and, comparable between the arms, of the backbone alone (the
+    w/ seg arm's total includes its seg head), total training loss (cls + seg) and, comparable, the
     classification loss alone, per iteration, raw and smoothed; w/ seg in red, w/o in blue."""
     import matplotlib  # optional for everything else: imported where a figure is drawn
 
@@ -198,11 +199,12 @@ def figure3(runs, path):
     import matplotlib.pyplot as plt
 
     panels = {
-        "grad_norm": "gradient norm (before clipping)",
+        "grad_norm": "gradient norm, all parameters (before clipping)",
+        "backbone_grad_norm": "gradient norm, backbone (comparable between arms)",
         "loss": "training loss (cls + seg)",
         "cls_loss": "classification loss (comparable between arms)",
     }
-    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.2))
+    fig, axes = plt.subplots(1, len(panels), figsize=(24, 4.2))
     for run in sorted(runs, key=lambda r: (r["key"], r["seed"])):
         log = utils.read_log(os.path.join(run["folder"], "iterations.csv"), utils.StepLog.FIELDS)
         iteration = [int(r["iteration"]) for r in log]

@@ -6,8 +6,8 @@ plus the bias is the logit: logit_k = mean_v E_k(v) + b_k. No gradients and no a
 all three backbones (each returns (B, C, d, h, w)) and for RATIC's heads (output by output). Positive values
 raise the logit, negative ones lower it.
 
-`evidence_maps` is the one implementation; `localisation_scores` scores one upsampled map against a region
-(a structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms);
+`evidence_maps` is the one implementation; `localisation_scores` scores one map against a region (a
+structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms);
 `anatomy_shares` splits a map's positive evidence among the structures of a mask (evaluate.py --evidence).
 """
 
@@ -32,13 +32,19 @@ def upsample(evidence, size):
 
 
 def localisation_scores(evidence, region, finding=None):
-    """One finding's evidence map at the crop's resolution (D, H, W) against the boolean region it belongs to
-    (e.g. its lobe) and, where known, its own voxels: {"point_region": the largest evidence lies in the region
-    (0/1), "point_finding": ... on the finding (nan without finding voxels), "share": the region's part of the
-    positive evidence mass (0 if no evidence is positive)}."""
-    evidence = np.asarray(evidence, dtype=np.float64)
-    peak = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
-    positive = np.maximum(evidence, 0.0)
+    """One finding's evidence map on the feature grid (d, h, w) against the boolean region (D, H, W) it
+    belongs to (e.g. its lobe, at the crop's resolution) and, where known, its own voxels:
+    {"point_region": the grid cell of largest evidence has its centre voxel in the region (0/1),
+    "point_finding": ... on the finding (nan without finding voxels), "share": the region's part of the
+    positive mass of the trilinearly upsampled map (0 if no evidence is positive)}.
+
+    The peak is taken on the grid, not on the upsampled map: trilinear upsampling is flat within half a cell
+    of the crop's border, so there a peak at a border node ties over a slab of voxels, and the first of them
+    (np.argmax's choice) lies on the crop's edge, wherever the cell's centre is."""
+    grid = torch.as_tensor(np.asarray(evidence), dtype=torch.float64)
+    cell = np.unravel_index(int(torch.argmax(grid)), tuple(grid.shape))
+    peak = tuple(int((c + 0.5) * n / g) for c, n, g in zip(cell, region.shape, grid.shape))
+    positive = torch.clamp(upsample(grid[None, None], region.shape)[0, 0], min=0).numpy()
     total = positive.sum()
     has_finding = finding is not None and bool(np.any(finding))
     return {

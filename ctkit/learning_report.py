@@ -7,6 +7,10 @@ the training masks only (their centre crops, the frame of the evaluated crops):
   smoothed by SMOOTHING): the best any predictor that ignores the case can do;
 - average anatomy at the head's grid: one fixed logit map on the head's (d, h, w) grid, upsampled trilinearly
   as the head's logits are, fitted to the training masks: the best a head that ignores the case can do;
+where the structures hold both lungs' lobes, average lobes in each case's lungs: inside each lung of the
+evaluated mask the training lungs' lobe frequencies at the same place of the lung's bounding box, outside
+them the average anatomy: a map that knows each case's lungs but not its lobes (a head at this row may have
+learnt only the lungs' outline);
 and, where asked (the phantoms), the best per-case map at the head's grid: a logit map fitted to each
 evaluated mask itself, the most any 1x1x1 head on that grid could express (an upper bound, not a floor).
 A head at the grid floor has learnt nothing about the individual case.
@@ -21,15 +25,30 @@ MAX_TRAIN_MASKS = 1000  # the floors' training masks (evenly spaced over the spl
 BOUND_BATCH = 8  # evaluated masks fitted together for the per-case bound
 BOUND_CASES = 40  # the per-case bound on this many evaluated cases (evenly spaced): ~5 s each at 64x96x96
 FIT_STRIDE = 2  # the grid maps are fitted on every 2nd voxel per axis (100x faster), scored on all
+LUNGS = (
+    ("lung_upper_lobe_left", "lung_lower_lobe_left"),
+    ("lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right"),
+)
+LUNG_BINS = 16  # positions in a lung: its bounding box in this many bins per axis
 
 
-def label_counts(masks, num_labels):
-    """Per label and voxel, how many masks have that label there: (num_labels, D, H, W) float64."""
-    counts = None
-    for mask in masks:
-        one_hot = np.stack([mask == label for label in range(num_labels)])
-        counts = one_hot.astype(np.float64) if counts is None else counts + one_hot
-    return counts
+def lungs_of(structures):
+    """The seg classes (1..S) of each lung whose lobes are all structures of the task; () if none is."""
+    label = {name: i for i, name in enumerate(structures, start=1)}
+    return tuple(tuple(label[n] for n in lung) for lung in LUNGS if all(n in label for n in lung))
+
+
+def lung_bins(mask, lungs):
+    """Per voxel of each lung (a tuple of labels of `mask`), its position relative to that lung's bounding
+    box, LUNG_BINS per axis: (D, H, W, 3) int64, -1 outside the lungs."""
+    bins = np.full((*mask.shape, 3), -1, np.int64)
+    for lung in lungs:
+        voxels = np.isin(mask, lung)
+        if voxels.any():
+            where = np.argwhere(voxels)
+            low, high = where.min(0), where.max(0) + 1
+            bins[voxels] = np.minimum((where - low) * LUNG_BINS // (high - low), LUNG_BINS - 1)
+    return bins
 
 
 def interpolation_matrix(n, size, stride=1):
@@ -120,30 +139,68 @@ def per_case_bound_row(masks, grid, structures, device="cpu"):
     return summarise(ce, voxels, counts, structures)
 
 
-def floors(train_masks, grid, num_labels, device="cpu"):
-    """The two floors' full-resolution log-probabilities (S, D, H, W) from the training split's centre-crop
-    masks (an iterable of (D, H, W), at most MAX_TRAIN_MASKS of them): {"average anatomy, full resolution":
-    ..., "average anatomy, head's grid": ...}, and the masks counted."""
-    counts = label_counts(train_masks, num_labels)
-    n_train = int(round(counts[:, 0, 0, 0].sum()))
-    average = np.log((counts + SMOOTHING) / (n_train + SMOOTHING * num_labels))
+def floors(train_masks, grid, num_labels, device="cpu", lungs=()):
+    """The floors from the training split's centre-crop masks (an iterable of (D, H, W), at most
+    MAX_TRAIN_MASKS of them), in one pass: {"maps": the fixed maps' full-resolution log-probabilities
+    (S, D, H, W) by row name, "train_masks": how many, "lungs": lungs_of(...), "lung_counts": (S, LUNG_BINS,
+    LUNG_BINS, LUNG_BINS) label counts by position in the lungs, "average": the average anatomy's
+    probabilities}."""
+    counts, lung_counts, n_train = 0.0, np.zeros((num_labels, *(LUNG_BINS,) * 3)), 0
+    for mask in train_masks:
+        counts = counts + np.stack([mask == label for label in range(num_labels)])
+        bins = lung_bins(mask, lungs)
+        inside = bins[..., 0] >= 0
+        np.add.at(lung_counts, (mask[inside], *bins[inside].T), 1.0)
+        n_train += 1
+    average = (counts + SMOOTHING) / (n_train + SMOOTHING * num_labels)
     grid_logits = fit_grid_logits(counts[None], grid, device=device)[0]
     grid_map = F.interpolate(grid_logits[None], size=counts.shape[1:], mode="trilinear")[0]
     maps = {
-        "average anatomy, full resolution": torch.as_tensor(average, dtype=torch.float32, device=device),
+        "average anatomy, full resolution": torch.as_tensor(
+            np.log(average), dtype=torch.float32, device=device
+        ),
         "average anatomy, head's grid": F.log_softmax(grid_map, 0),
     }
-    return maps, n_train
+    return dict(maps=maps, train_masks=n_train, lungs=lungs, lung_counts=lung_counts, average=average)
 
 
-def learning_report(head, floor_maps, masks, grid, structures, bound=False, device="cpu"):
+def lungs_only_row(floor, masks, structures):
+    """Average lobes in each case's lungs: inside each lung of an evaluated mask, P(label | position in the
+    lung's box) from the training lungs (smoothed, over that lung's labels only); outside, the average
+    anatomy without the lungs' labels. It knows the case's lungs, not its fissures."""
+    lungs, counts, num_labels = floor["lungs"], floor["lung_counts"], len(structures) + 1
+    outside = floor["average"].copy()
+    outside[[label for lung in lungs for label in lung]] = 0
+    outside /= outside.sum(0, keepdims=True)
+    ce, dice, voxels = 0.0, [], 0
+    for mask in masks:
+        probs, bins = outside.copy(), lung_bins(mask, lungs)
+        for lung in lungs:
+            inside = np.isin(mask, lung)
+            in_lung = np.zeros((num_labels, 1))
+            in_lung[list(lung)] = 1
+            frequencies = (
+                counts[(slice(None), *bins[inside].T)] + SMOOTHING
+            ) * in_lung  # (S, voxels of the lung)
+            probs[:, inside] = frequencies / frequencies.sum(0, keepdims=True)
+        c, d = score(torch.log(torch.as_tensor(probs, dtype=torch.float32)), mask, num_labels)
+        ce, voxels = ce + c, voxels + mask.size
+        dice.append(d)
+    return summarise(ce, voxels, dice, structures)
+
+
+def learning_report(head, floor, masks, grid, structures, bound=False, device="cpu"):
     """The report of one evaluated split. head: (CE summed over voxels, Dice counts (N, S, 3)) of the seg
-    head on the split's centre crops, whose masks are `masks` (a list of (D, H, W)); floor_maps: floors();
+    head on the split's centre crops, whose masks are `masks` (a list of (D, H, W)); floor: floors();
     grid: the head's (d, h, w). A JSON-ready dict."""
-    maps, n_train = floor_maps
     voxels = sum(m.size for m in masks)
     rows = {"seg head": summarise(head[0], voxels, head[1], structures)}
-    rows.update({name: fixed_map_row(log_probs, masks, structures) for name, log_probs in maps.items()})
+    rows.update(
+        {name: fixed_map_row(log_probs, masks, structures) for name, log_probs in floor["maps"].items()}
+    )
+    if floor["lungs"]:
+        rows["average lobes in each case's lungs"] = lungs_only_row(floor, masks, structures)
+    n_train = floor["train_masks"]
     report = dict(grid=list(grid), train_masks=n_train, cases=len(masks), smoothing=SMOOTHING, rows=rows)
     if bound:  # an upper bound: fitted to each mask itself, on a subset of the cases (cost)
         picks = np.linspace(0, len(masks) - 1, min(BOUND_CASES, len(masks))).round().astype(int)

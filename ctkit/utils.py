@@ -112,7 +112,7 @@ class StepLog:
     device synchronisation): averaged over processes, checked to be finite, appended to a CSVLog by rank 0,
     and the last one printed."""
 
-    VALUES = ("loss", "cls_loss", "seg_loss", "grad_norm")
+    VALUES = ("loss", "cls_loss", "seg_loss", "grad_norm", "backbone_grad_norm")
     FIELDS = ("epoch", "iteration", *VALUES, "lr", "data_time")  # iterations.csv, what Figure 3 plots
 
     def __init__(self, path, total_steps, skip_inf_grad=False):
@@ -124,11 +124,11 @@ class StepLog:
         )
 
     def add(self, values, **row):
-        """values: (4,) tensor of VALUES; row: the other columns (epoch, iteration, lr, data_time)."""
+        """values: (5,) tensor of VALUES; row: the other columns (epoch, iteration, lr, data_time)."""
         self.pending.append((row, values))
 
     def flush(self):
-        values = all_mean(torch.stack([v for _, v in self.pending])).tolist()  # (steps, 4)
+        values = all_mean(torch.stack([v for _, v in self.pending])).tolist()  # (steps, 5)
         rows = [{**row, **dict(zip(self.VALUES, numbers))} for (row, _), numbers in zip(self.pending, values)]
         self.pending = []
         for r in rows:  # with fp16 the loss scaler skips steps with inf gradients itself (skip_inf_grad)
@@ -223,6 +223,12 @@ def gather_cases(indices, values, n):
 def clip_grad_norm(parameters, max_norm):
     """Gradient norm before clipping (what Figure 3 plots); max_norm 0 logs it without clipping."""
     return torch.nn.utils.clip_grad_norm_(parameters, max_norm or math.inf)
+
+
+def grad_norm(parameters):
+    """The L2 norm of these parameters' gradients together (0 if none has one)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -30,6 +30,8 @@ def test_mean_evidence_plus_bias_is_the_logit(arch, dataset):
 
 
 def test_localisation_scores_on_a_hand_made_map():
+    """On a map at the crop's resolution (grid = crop: upsampling is the identity) the scores are the plain
+    definitions."""
     ev = np.zeros((4, 4, 4))
     ev[1, 1, 1], ev[2, 2, 2], ev[3, 3, 3] = 3.0, 1.0, -5.0
     lobe = np.zeros((4, 4, 4), bool)
@@ -43,6 +45,24 @@ def test_localisation_scores_on_a_hand_made_map():
     s = evidence.localisation_scores(ev, lobe, np.zeros_like(finding))  # finding outside the crop
     assert math.isnan(s["point_finding"])
     assert evidence.localisation_scores(np.zeros((2, 2, 2)), lobe[:2, :2, :2])["share"] == 0.0
+
+
+def test_the_pointing_game_scores_a_border_peak_at_its_cell_not_at_the_crop_edge():
+    """A 4x6x6 grid upsampled to 64x96x96 (16 voxels a cell): the peak at border node (0, 2, 5) is flat over
+    the 8 voxels next to the border, where np.argmax of the upsampled map takes the crop's edge. Scored at the
+    cell's centre (8, 40, 88) instead: in a region holding that cell's inner voxels only."""
+    grid = np.zeros((4, 6, 6))
+    grid[0, 2, 5] = 1.0
+    full = evidence.upsample(torch.as_tensor(grid)[None, None], (64, 96, 96))[0, 0].numpy()
+    edge = np.unravel_index(int(np.argmax(full)), full.shape)
+    assert edge == (0, 39, 88)  # the old score's voxel: on the crop's first slice, 8 from the cell's centre
+    region = np.zeros((64, 96, 96), bool)
+    region[4:12, 36:44, 84:92] = True  # around the cell's centre, away from the crop's edge
+    finding = np.zeros_like(region)
+    finding[8, 40, 88] = True
+    s = evidence.localisation_scores(grid, region, finding)
+    assert s["point_region"] == 1.0 and s["point_finding"] == 1.0
+    assert 0 < s["share"] < 1 and math.isclose(s["share"], full[region].sum() / full.sum())
 
 
 def test_upsampled_evidence_is_trilinear():

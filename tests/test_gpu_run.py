@@ -29,8 +29,10 @@ def test_gpu_run_smoke_rehearsal(tmp_path):
         assert "117 classes" in bench and "117, chunk 8" in bench and "data wait" in bench
         assert "CPU rehearsal" in read("environment.txt") and "bf16 on the CPU: " in read("environment.txt")
         assert "s per training step (r3d w/ seg, batch 2, crop (16, 32, 32)" in read("3_study.txt")
-        report = read("study96/report.txt")
-    assert "learning report" in report and "point_region" in report
-    expected = ("check_C/check.csv", "seg_s0/seg_report_test.json", "figure3.png", "report.txt")
-    assert {f"study96/{name}" for name in expected} <= names
+        report = read("fissures96/report.txt")
+        check = read("fissures96/check_F/check.csv")
+    assert "primary endpoint" in report and "learning report" in report and "point_region" in report
+    assert "average lobes in each case's lungs" in report and check.splitlines()[1].startswith("F,fissures,")
+    expected = ("check_F/check.csv", "seg_s0/seg_report_test.json", "figure3.png", "report.txt")
+    assert {f"fissures96/{name}" for name in expected} <= names
     assert not any(n.endswith(".pth") for n in names)  # checkpoints stay behind

@@ -38,8 +38,13 @@ def masks_of(n, shape=(4, 6, 6), seed=0):
 
 def test_full_resolution_floor_is_the_smoothed_label_frequency():
     train, test = masks_of(2, seed=1), masks_of(1, seed=2)
-    maps, n = lr.floors(data.centre_masks(dataset_of(train)), (2, 3, 3), 3)
-    assert n == 2
+    floor = lr.floors(data.centre_masks(dataset_of(train)), (2, 3, 3), 3)
+    maps, n = floor["maps"], floor["train_masks"]
+    assert (
+        n == 2
+        and floor["lungs"] == ()
+        and set(maps) == {"average anatomy, full resolution", "average anatomy, head's grid"}
+    )
     counts = np.stack([sum((m == c).astype(float) for m in train) for c in range(3)])
     expected_log_p = np.log((counts + lr.SMOOTHING) / (2 + 3 * lr.SMOOTHING))
     np.testing.assert_allclose(maps["average anatomy, full resolution"].numpy(), expected_log_p, rtol=1e-6)
@@ -78,7 +83,7 @@ class FixedMapHead(nn.Module):
 def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     train_set, test_set = dataset_of(masks_of(12, seed=3)), dataset_of(masks_of(5, seed=4))
     grid = (2, 3, 3)
-    counts = lr.label_counts(data.centre_masks(train_set), 3)
+    counts = np.stack([sum((m == c).astype(float) for m in data.centre_masks(train_set)) for c in range(3)])
     grid_logits = lr.fit_grid_logits(counts[None], grid)[0]
     head = FixedMapHead(grid_logits)
     task = data.Task(
@@ -99,6 +104,37 @@ def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     assert report["cases"] == 5 and report["train_masks"] == 12 and report["grid"] == list(grid)
 
 
+LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
+         "lung_lower_lobe_right", "heart")  # fmt: skip
+
+
+def lungs_at(shift, fissure=0.5, shape=(8, 8, 16)):
+    """A chest-scheme mask: two 4x4x4 lungs, shifted by `shift` voxels along y; in each, the upper lobe above
+    `fissure` of the lung's height (the right lung's middle lobe: its anterior half of that)."""
+    mask = np.zeros(shape, np.uint8)
+    top = int(4 * fissure)
+    for x0, upper, lower in ((2, 1, 2), (10, 3, 5)):
+        lung = mask[2:6, shift : shift + 4, x0 : x0 + 4]
+        lung[:], lung[top:] = lower, upper  # z grows upwards: the upper lobe is the top of the box
+        if upper == 3:
+            lung[top:, 2:] = 4
+    return mask
+
+
+def test_the_lungs_only_map_knows_each_cases_lungs_but_not_its_lobes():
+    """Training lungs whose lobes sit at the same place of the lung's box but move in the crop: fitted into a
+    test case's lungs, the map finds its lobes exactly (Dice 1), where the average anatomy cannot; with the
+    test case's fissure elsewhere in its lung it does not."""
+    train = [lungs_at(shift) for shift in (0, 1, 2, 3, 4)]
+    floor = lr.floors(train, (2, 2, 2), 7, lungs=lr.lungs_of(LOBES))
+    assert floor["lungs"] == ((1, 2), (3, 4, 5)) and lr.lungs_of(LOBES[2:]) == ((1, 2, 3),)
+    same, moved = lungs_at(2), lungs_at(2, fissure=0.25)
+    fitted = lr.lungs_only_row(floor, [same], LOBES)
+    average = lr.fixed_map_row(floor["maps"]["average anatomy, full resolution"], [same], LOBES)
+    assert all(fitted["dice"][name] == 1.0 for name in LOBES[:5]) and fitted["ce"] < average["ce"]
+    assert lr.lungs_only_row(floor, [moved], LOBES)["dice"]["lung_upper_lobe_left"] < 1.0
+
+
 def test_a_head_trained_for_a_few_steps_is_reported_at_the_floor(tmp_path, capsys):
     train_cli("--seg", "--synthetic-cases", 6, 2, 3, "-b", 2, "-j", 0, "--epochs", 1, "--max-steps", 3,
               "--output-dir", tmp_path)  # fmt: skip
@@ -108,6 +144,8 @@ def test_a_head_trained_for_a_few_steps_is_reported_at_the_floor(tmp_path, capsy
     bound = rows["best per-case map, head's grid (bound)"]
     assert report["grid"] == [2, 3, 3] and report["cases"] == 3
     assert head["ce"] > 0.95 * floor["ce"]  # no better than where organs usually lie
+    lungs = rows["average lobes in each case's lungs"]  # the phantoms' chest structures: both lungs' lobes
+    assert lungs["ce"] < rows["average anatomy, full resolution"]["ce"]
     assert bound["ce"] <= floor["ce"] + 1e-6
     printed = capsys.readouterr().out
     assert "average anatomy, head's grid" in printed and "seg head" in printed

@@ -6,8 +6,8 @@ volume) and scores a case for a nodule class as the largest, over its nodules, o
 nodule lies in the class's lobe, knowing the lobes from
   (a) "position": the training-average lobe map at the evaluated crop (mean over the nodule's voxels);
   (b) "lung": the training-average lobe map in coordinates relative to the bounding box of the voxel's own
-      lung (BINS per axis), in the test case and the training cases alike: the case's lung outline, not its
-      fissures;
+      lung (LUNG_BINS per axis), in the test case and the training cases alike: the case's lung outline, not
+      its fissures;
   (c) "lobes": the case's true lobes (the fraction of the nodule's voxels in the lobe).
 Case-level AUC per class. The design rule: (a) and (b) <= 0.75 and (c) >= 0.98 on both nodule classes.
 
@@ -28,10 +28,12 @@ sys.path[:0] = [str(ROOT)]
 import data  # noqa: E402
 from ctkit import synthetic, utils  # noqa: E402
 from ctkit.ct_io import AIR_HU  # noqa: E402
+from ctkit.learning_report import LUNG_BINS, lung_bins, lungs_of  # noqa: E402
 
 KNOWLEDGE = ("position", "lung", "lobes")
-LUNGS = ((1, 2), (3, 4, 5))  # the chest scheme's lobes of the left and the right lung
-BINS = 16
+LUNGS = lungs_of(
+    synthetic.SCHEME.values()
+)  # the phantoms' lobes of the left and the right lung: (1, 2), (3, 4, 5)
 NODULE_HU = -300  # nodules are 40 HU, vessels -50 HU (far smaller), lung -850, fissures -700
 RULE = dict(position=0.75, lung=0.75, lobes=0.98)  # (a), (b) at most; (c) at least
 
@@ -47,28 +49,14 @@ def evaluated_crops(split, n, task, variant):
         )
 
 
-def lung_bins(mask):
-    """Per voxel of either lung, its position relative to that lung's bounding box in BINS per axis:
-    (D, H, W, 3) int (-1 outside the lungs)."""
-    bins = np.full((*mask.shape, 3), -1, np.int64)
-    for lobes in LUNGS:
-        lung = np.isin(mask, lobes)
-        if not lung.any():
-            continue
-        where = np.argwhere(lung)
-        low, high = where.min(0), where.max(0) + 1
-        bins[lung] = np.minimum((where - low) * BINS // (high - low), BINS - 1)
-    return bins
-
-
 def training_maps(crops):
     """From training (mask) crops: the average lobe map (6 + 1, D, H, W) (the fraction of crops with each
-    label per voxel) and the lung-relative one (6 + 1, BINS, BINS, BINS) (per bin, the fraction of lung
-    voxels in each lobe)."""
-    position, lung, count = 0.0, np.zeros((7, BINS, BINS, BINS)), 0
+    label per voxel) and the lung-relative one (6 + 1, LUNG_BINS, LUNG_BINS, LUNG_BINS) (per bin, the fraction
+    of lung voxels in each lobe)."""
+    position, lung, count = 0.0, np.zeros((7, *(LUNG_BINS,) * 3)), 0
     for mask in crops:
         position = position + np.stack([mask == label for label in range(7)])
-        bins = lung_bins(mask)
+        bins = lung_bins(mask, LUNGS)
         inside = bins[..., 0] >= 0
         np.add.at(lung, (mask[inside], *bins[inside].T), 1.0)
         count += 1
@@ -89,7 +77,7 @@ def case_scores(mask, found, lobe, maps):
     """The three scores of one case for one lobe: the largest probability, over its nodules `found`, that a
     nodule lies in the lobe, knowing (position, lung, lobes); 0 without a nodule."""
     position, lung = maps
-    flat_bins = lung_bins(mask).reshape(-1, 3)
+    flat_bins = lung_bins(mask, LUNGS).reshape(-1, 3)
     scores = np.zeros(len(KNOWLEDGE))
     for voxels in found:
         b = flat_bins[voxels]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -30,7 +31,7 @@ import bench  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from ctkit import evidence, precision, synthetic, utils  # noqa: E402
+from ctkit import compare, evidence, precision, synthetic, utils  # noqa: E402
 from ctkit.ct_io import AIR_HU  # noqa: E402
 from ctkit.labels import read_predictions  # noqa: E402
 from model import build_model  # noqa: E402
@@ -118,8 +119,8 @@ def run(seed, arm, level=STUDY_LEVEL):
 @torch.no_grad()
 def score_localisation(folder):
     """Evidence maps of the evaluated (best-on-validation) checkpoint on the test phantoms, centre crops as
-    evaluated: per localised finding and positive case, evidence.localisation_scores against its lobe and its
-    voxels. Checks that mean(evidence) + bias reproduces the run's predictions."""
+    evaluated: per localised finding and positive case, evidence.localisation_scores of its grid map against
+    its lobe and its voxels. Checks that mean(evidence) + bias reproduces the run's predictions."""
     config = utils.read_json(folder / "config.json")
     task = data.Task.from_dict(config["task"])
     net = build_model(config["model"], task, config["seg"])
@@ -139,11 +140,11 @@ def score_localisation(folder):
             maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
         logits = maps.mean((2, 3, 4))[0] + net.head.bias.float()
         worst = max(worst, float((torch.sigmoid(logits) - torch.as_tensor(stored["y_prob"][i])).abs().max()))
-        full = evidence.upsample(maps, task.crop)[0].cpu().numpy()  # (K, D, H, W)
+        grid = maps[0].float().cpu().numpy()  # (K, d, h, w)
         for k, (name, lobe) in enumerate(synthetic.LOCALISED):
             if labels[k]:
-                scores = evidence.localisation_scores(full[task.classes.index(name)], crop[1] == lobe,
-                                                      crop[2] == k + 1)  # fmt: skip
+                region, finding = crop[1] == lobe, crop[2] == k + 1
+                scores = evidence.localisation_scores(grid[task.classes.index(name)], region, finding)
                 rows.append([f"synthetic_test_{i:04d}", name, *(scores[m] for m in SCORES)])
     if worst > 0.02:  # bf16 rounding is far below this; more means other cases or another model
         raise RuntimeError(
@@ -187,6 +188,44 @@ def localisation_table(seeds, resamples=2000, seed=0):
     return "\n".join(lines), records
 
 
+def seed_interval(deltas):
+    """The 95 % t-interval of the mean of per-seed paired differences (nan for one seed)."""
+    n = len(deltas)
+    half = stats.t.ppf(0.975, n - 1) * np.std(deltas, ddof=1) / np.sqrt(n) if n > 1 else np.nan
+    return np.mean(deltas) - half, np.mean(deltas) + half
+
+
+def endpoint_table(seeds, resamples=2000, seed=0):
+    """The primary endpoint of the positive control (docs/synthetic_study_fissures.md §2), per localised
+    finding and for the macro AUC: Δ = mean AUC w/ seg - w/o seg over the seeds; the paired case bootstrap;
+    the two-level bootstrap (seeds, then cases); the per-seed paired differences (same seed, same initial
+    backbone), their 95 % t-interval and how many are positive."""
+    runs = {
+        (a, s): read_predictions(str(OUT / f"{a}_s{s}" / "predictions_test.csv")) for a in ARMS for s in seeds
+    }
+    y, classes = runs[ARMS[0], seeds[0]]["y_true"], runs[ARMS[0], seeds[0]]["classes"]
+    pct = lambda low, high: f"[{100 * low:+.2f}, {100 * high:+.2f}]"  # noqa: E731
+    lines = [f"{'AUC':<26}{'Δ':>7}  {'CI, cases':<18}{'CI, two-level':<18}per-seed Δ; t-interval"]
+    records = []
+    for name in (*LOCALISED, "macro"):
+        cols = list(range(len(classes))) if name == "macro" else [classes.index(name)]
+        seg, base = ([runs[a, s]["y_prob"][:, cols] for s in seeds] for a in ("seg", "base"))
+        delta, low, high, p = compare.paired_bootstrap(y[:, cols], seg, base, resamples, seed)
+        _, low2, high2, p2 = compare.paired_bootstrap(y[:, cols], seg, base, resamples, seed, seeds_too=True)
+        truth = y[:, cols]
+        per_seed = [
+            compare.mean_macro_auc(truth, [g]) - compare.mean_macro_auc(truth, [b]) for g, b in zip(seg, base)
+        ]
+        interval = seed_interval(per_seed)
+        positive = f"{sum(d > 0 for d in per_seed)}/{len(seeds)} > 0"
+        each = ", ".join(f"{100 * d:+.2f}" for d in per_seed)
+        cells = f"{100 * delta:+7.2f}  {pct(low, high):<18}{pct(low2, high2):<18}"
+        lines.append(f"{name:<26}{cells}{each} ({positive}); {pct(*interval)}")
+        record = dict(endpoint=name, delta=delta, ci_cases=[low, high], p_cases=p, per_seed=per_seed)
+        records.append(dict(record, ci_two_level=[low2, high2], p_two_level=p2, t_interval=list(interval)))
+    return "\n".join(lines), records
+
+
 def learning_table(seeds):
     """The learning report of every seg run (test split): CE and mean Dice per row, and their seed means."""
     reports = [utils.read_json(OUT / f"seg_s{s}" / "seg_report_test.json") for s in seeds]
@@ -207,7 +246,9 @@ def report():
     folders = [str(OUT / f"{arm}_s{s}") for arm in ARMS for s in seeds]
     argv = [*folders, "--figure", str(OUT / "figure3.png"), "--output", str(OUT / "comparison")]
     evaluate.main(evaluate.get_args_parser().parse_args(argv))
+    endpoints, end_records = endpoint_table(seeds)
     text, records = learning_table(seeds)
+    text = f"primary endpoint: Δ AUC w/ seg - w/o seg, test, seeds {list(seeds)}\n{endpoints}\n\n{text}"
     localisation, loc_records = localisation_table(seeds)
     text += (
         "\n\nlocalisation (test phantoms positive for the finding; evidence of the evaluated checkpoint)\n"
@@ -216,7 +257,9 @@ def report():
     print("\n" + text)
     with utils.atomic_path(str(OUT / "report.txt")) as tmp, open(tmp, "w") as f:
         f.write(text + "\n")
-    utils.write_json(str(OUT / "report.json"), dict(learning=records, localisation=loc_records))
+    utils.write_json(
+        str(OUT / "report.json"), dict(endpoints=end_records, learning=records, localisation=loc_records)
+    )
 
 
 def main():
