@@ -451,7 +451,7 @@ def cli(argv=None):
     try:
         main(get_args_parser().parse_args(argv))
     except (BadInput, OSError) as error:
-        raise SystemExit(str(error)) from None
+        raise SystemExit(utils.one_line(error)) from None
 
 
 if __name__ == "__main__":

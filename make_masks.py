@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import fnmatch
 import os
+import re
 import time
 import zlib
 from collections import deque
@@ -39,7 +40,7 @@ from typing import NamedTuple
 import nibabel as nib
 import numpy as np
 
-from ctkit import ct_io, mask_qc, prep, totalseg
+from ctkit import ct_io, mask_qc, prep, totalseg, utils
 from ctkit.regions import REGIONS
 from ctkit.utils import BadInput
 
@@ -70,9 +71,13 @@ def find_cases(src, skip=(), exclude=()):
     matching an `exclude` glob."""
     skip = {Path(p).resolve() for p in skip if p}
     excluded = lambda path: any(fnmatch.fnmatch(path.relative_to(src).as_posix(), g) for g in exclude)  # noqa: E731
-    cases = {}
-    for root, dirs, files in os.walk(src):
+    cases, seen = {}, set()
+    for root, dirs, files in os.walk(src, followlinks=True):  # a linked series folder is an input too
         root = Path(root)
+        if root.resolve() in seen:  # a link back up the tree: walked already
+            dirs[:] = []
+            continue
+        seen.add(root.resolve())
         dirs[:] = sorted(d for d in dirs if (root / d).resolve() not in skip and not prep.is_prep(root / d))
         for name in sorted(files):
             kind = "nifti" if name.endswith((".nii", ".nii.gz")) else "npz" if name.endswith(".npz") else None
@@ -239,6 +244,12 @@ def resolve(args):
         raise BadInput("give --from-totalseg or --from-masks, not both")
     if bool(args.from_masks) != bool(args.label_map):
         raise BadInput("--from-masks needs --label-map FILE.json (and --label-map needs --from-masks)")
+    if not os.path.isdir(args.src):
+        raise BadInput(f"--src {args.src}: no such folder")
+    shard = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not shard or not int(shard[1]) < int(shard[2]):
+        raise BadInput(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. 0/4")
+    utils.check_writable_folder(args.dst, "--dst")
     given = {k: v for k, v in vars(args).items() if k != "from_totalseg"}
     given.update(from_masks=args.from_masks or args.from_totalseg, metadata=tuple(args.metadata or ()),
                  exclude=tuple(args.exclude))  # fmt: skip

@@ -48,6 +48,7 @@ RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed"
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
          "seg_report_val.json", "seg_report_test.json", "sharpness.json")
+RUN_FILES = ("config.json", "checkpoint.pth", "iterations.csv", "epochs.csv", *STALE)  # make a folder a run's
 # fmt: on
 
 
@@ -77,6 +78,7 @@ def get_args_parser():
     p.add_argument("--split-seed", type=int, default=0, help="seed of the RATIC patient split (drawn once)")
     p.add_argument("--output-dir", help="run folder (default runs/<dataset>_<model>[_seg][_pre]_s<seed>)")
     p.add_argument("--resume", nargs="?", const="auto", help="no value: <output-dir>/checkpoint.pth if any")
+    p.add_argument("--overwrite", action="store_true", help="a new run in a folder holding a run: delete it")
     p.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint")
     p.add_argument("-b", "--batch-size", type=int, help="per process (default: Table 4)")
     p.add_argument("-j", "--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2))
@@ -122,6 +124,7 @@ class Settings:
     split_seed: int
     output_dir: str
     resume: str | None
+    overwrite: bool
     test_only: bool
     batch_size: int
     workers: int
@@ -158,6 +161,10 @@ def resolve(args, region, device):
         raise BadInput("--dataset custom needs --labels FILE.csv, and --labels needs --dataset custom")
     if args.test_only and args.resume in (None, "auto") and not args.output_dir:
         raise BadInput("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
+    for flag in ("batch_size", "epochs", "max_steps", "print_freq", "synthetic_cases"):
+        values = given[flag] if isinstance(given[flag], tuple) else (given[flag],)
+        if any(v is not None and v < 1 for v in values):
+            raise BadInput(f"--{flag.replace('_', '-')} {' '.join(map(str, values))}: must be at least 1")
     notes, region_model = [], (region, args.model)
     for name, table, key in (("lr", TABLE4_LR, region_model), ("batch_size", TABLE4_BATCH, region_model),
                              ("epochs", TABLE4_EPOCHS, args.dataset)):  # fmt: skip
@@ -261,12 +268,32 @@ def setup_model(s, task, device):
     return model, optimizer, scaler, checkpoint["iteration"], checkpoint["best_auc"]
 
 
-def prepare_folder(s, iteration):
-    """A new run starts new logs and leaves no output of an earlier run; a resumed one drops the log rows
-    written after its checkpoint."""
+def check_output_folder(s):
+    """Before anything is written: a new run never replaces another run's results without --overwrite, and
+    the run folder can be made and written (a resumed or evaluating run's folder already holds its files)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(s.output_dir, name))]
+    if found and not (s.resume or s.test_only or s.overwrite):
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise BadInput(
+            f"{s.output_dir} holds a run ({shown}): continue it with --resume, start it anew with "
+            "--overwrite (deletes its results), or give another --output-dir"
+        )
+    utils.check_writable_folder(s.output_dir, "--output-dir")
+
+
+def prepare_folder(s, task, iteration):
+    """The run's first writes, after every check: the folder, config.json, no temporary file of a killed
+    writer; a new run starts new logs and leaves no result of an earlier one (--overwrite), a resumed one
+    drops the log rows written after its checkpoint."""
+    os.makedirs(s.output_dir, exist_ok=True)
+    utils.remove_temporaries(s.output_dir, RUN_FILES)
+    utils.write_json(
+        os.path.join(s.output_dir, "config.json"), {**dataclasses.asdict(s), "task": task.to_dict()}
+    )
     logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
             "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
-    utils.prepare_folder(s.output_dir, logs, (*logs, *STALE) if iteration == 0 else ())
+    stale = ("checkpoint.pth", *logs, *STALE) if iteration == 0 else ()
+    utils.prepare_folder(s.output_dir, logs, stale)
 
 
 def validate(model, loaders, task, s, epoch, iteration, seconds):
@@ -288,11 +315,7 @@ def validate(model, loaders, task, s, epoch, iteration, seconds):
 
 
 def describe(s, task, splits, notes):
-    """config.json (not for --test-only: the run's own stays) and the lines that say what the run uses."""
-    if not s.test_only:
-        utils.write_json(
-            os.path.join(s.output_dir, "config.json"), {**dataclasses.asdict(s), "task": task.to_dict()}
-        )
+    """The lines that say what the run uses."""
     processes, seg = utils.get_world_size(), "with" if s.seg else "without"
     print(f"{s.dataset} / {s.model} / {seg} segmentation supervision -> {s.output_dir}")
     print("  " + "\n  ".join(notes))
@@ -317,13 +340,13 @@ def save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, s, task
         utils.save_checkpoint(os.path.join(s.output_dir, name), state)
 
 
-def prepare_run(args, device):
-    """(Settings, Task, {split: dataset}); rank 0 writes config.json and prints what the run uses."""
-    region = data.region_of(args.dataset, args.region)
-    s, notes = resolve(args, region, device)
+def prepare_run(s, notes, region, device):
+    """(Task, {split: dataset}) of the resolved settings, checked and printed by rank 0; nothing is written
+    yet but a custom dataset's drawn split (removed by main if the run stops before training)."""
     fault = s.amp and precision.bf16_fault(torch.device(device).type)
     if fault:  # before anything is written: a wrong bf16 gradient would train without a word
         raise BadInput(f"--amp: {fault}; train in fp32: leave out --amp")
+    check_output_folder(s)
     try:
         classes = labels.custom_classes(s.labels) if s.dataset == "custom" else None
         anatomy = data.anatomy(s.structures, s.source(), region, with_mask=s.seg)
@@ -331,10 +354,9 @@ def prepare_run(args, device):
         splits = data.build_datasets(task, s.source(), s.seed, with_mask=s.seg)
     except (OSError, BadInput) as error:
         raise BadInput(f"cannot build the {s.dataset} dataset: {error}") from None
-    os.makedirs(s.output_dir, exist_ok=True)
     if utils.get_rank() == 0:
         describe(s, task, splits, notes)
-    return s, task, splits
+    return task, splits
 
 
 def loaders_for(splits, s):
@@ -348,22 +370,25 @@ def loaders_for(splits, s):
 
 def main(args):
     rank, world_size, device = utils.init_distributed(args.device)
-    s, task, splits = prepare_run(args, device)
-    try:
-        model, optimizer, scaler, iteration, best_auc = setup_model(s, task, torch.device(device))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BadInput(f"cannot set up the model: {error}") from None
+    region = data.region_of(args.dataset, args.region)
+    s, notes = resolve(args, region, device)
+    with utils.removed_on_failure(s.source().split_file):  # a split drawn by a run that stops here: removed
+        task, splits = prepare_run(s, notes, region, device)
+        try:
+            model, optimizer, scaler, iteration, best_auc = setup_model(s, task, torch.device(device))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise BadInput(f"cannot set up the model: {error}") from None
+        train_loader, loaders = loaders_for(splits, s)
+        per_epoch = min(len(train_loader), s.max_steps or len(train_loader))
+        if per_epoch == 0:
+            raise BadInput(
+                f"the training set ({len(splits['train'])} cases) is smaller than a batch of {s.batch_size}"
+            )
     objective = Objective(model, task.kind, s.seg_weight, s.seg_chunk)  # the loss; `model` is what is saved
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, utils.device_ids(device))
-    train_loader, loaders = loaders_for(splits, s)
-    per_epoch = min(len(train_loader), s.max_steps or len(train_loader))
-    if per_epoch == 0:
-        raise BadInput(
-            f"the training set ({len(splits['train'])} cases) is smaller than a batch of {s.batch_size}"
-        )
     if rank == 0 and not s.test_only:
-        prepare_folder(s, iteration)
+        prepare_folder(s, task, iteration)
     save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, s=s, task=task)
     mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
     (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None

@@ -89,7 +89,15 @@ def read_dicom_series(folder):
     row_cos, col_cos = np.split(np.array(slices[0].ImageOrientationPatient, float), 2)
     normal = np.cross(row_cos, col_cos)
     slices.sort(key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
-    gaps = np.diff([np.dot(ds.ImagePositionPatient, normal) for ds in slices])
+    steps = np.diff([np.array(ds.ImagePositionPatient, float) for ds in slices], axis=0)  # (n - 1, 3) mm
+    gaps = steps @ normal
+    shear = np.abs(steps - gaps[:, None] * normal).max() if len(steps) else 0.0
+    if shear > 0.01 * min(float(v) for v in slices[0].PixelSpacing):
+        raise ValueError(
+            f"a gantry-tilted series: each slice is shifted {shear:.3g} mm within its plane against the last "
+            "(a sheared volume, which TotalSegmentator's and this code's grids cannot hold); convert it with "
+            "a tool that corrects the tilt (e.g. dcm2niix) and give the NIfTI"
+        )
     if len(slices) < 2 or gaps.min() <= 0 or gaps.max() - gaps.min() > 0.1 * np.median(gaps):
         low, high = (gaps.min(), gaps.max()) if len(gaps) else (0, 0)
         raise ValueError(
@@ -119,9 +127,18 @@ def is_dicom(path):
 
 
 def read_case(kind, path, metadata=None):
-    if kind == "nifti":
-        return read_nifti(str(path), metadata)
-    return read_npz(path) if kind == "npz" else read_dicom_series(path)
+    """(HU, affine) of a case of `kind` (nifti, npz or dicom); whatever the reader libraries raise on a file
+    they cannot read (nibabel, gzip, zipfile, pydicom, a missing array) ends as one ValueError."""
+    try:
+        if kind == "nifti":
+            return read_nifti(str(path), metadata)
+        return read_npz(path) if kind == "npz" else read_dicom_series(path)
+    except (OSError, ValueError):
+        raise
+    except Exception as error:  # each library its own exception types: one kind for the callers
+        raise ValueError(
+            f"cannot read it as {kind}: {type(error).__name__}: {' '.join(str(error).split())}"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- grids

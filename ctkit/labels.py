@@ -5,7 +5,6 @@ validation and RATIC's per-patient evaluation never mix one patient's scans acro
 files a run writes (true and predicted labels per case) are read and written here too.
 """
 
-import csv
 import os
 import zlib
 from pathlib import Path
@@ -170,8 +169,7 @@ CUSTOM_ID_COLUMNS = ("case_id", "path", "patient_id", "split")  # the other colu
 
 def custom_classes(path):
     """The finding columns of a labels CSV (--dataset custom), in the file's order."""
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
-        header = next(csv.reader(f), [])
+    header = utils.read_table(path, [])[0]
     classes = tuple(c for c in header if c not in CUSTOM_ID_COLUMNS)
     if not classes:
         raise BadInput(f"{path}: no finding columns (every column but {', '.join(CUSTOM_ID_COLUMNS)} is one)")
@@ -215,6 +213,11 @@ def custom_tables(path, prep_dir, split_file, seed=0, val_fraction=0.0, test_fra
         given.append(row.get("split"))
         if given[-1] is not None and given[-1] not in ("train", "val", "test"):
             raise BadInput(f"{path} row {number} column split: {given[-1]!r} is not train, val or test")
+    split_of = {}
+    for number, (patient, split) in enumerate(zip(patients, given), start=2):
+        if split is not None and split_of.setdefault(patient, (split, number))[0] != split:
+            first, row = split_of[patient]
+            raise BadInput(f"{path} rows {row} and {number}: patient {patient} in both {first} and {split}")
     if "split" not in (rows[0] if rows else {}):
         fraction = 0.2 if test_fraction is None else test_fraction
         split_of = patient_split(set(patients), split_file, seed, fraction, val_fraction)
@@ -259,18 +262,23 @@ def tables(dataset, data_path, prep_dir, split_seed=0):
 def read_predictions(path, per="case"):
     """Predictions CSV (case_id, patient_id, true:<class>..., prob:<class>...) -> {"cases", "patients",
     "y_true", "y_prob", "classes"}: a row per case, or per patient (by_patient) if per is "patient"/"auto"."""
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        header, rows = next(reader, None), list(reader)
-    if not header or header[0] != "case_id":
-        raise BadInput(f"{path}: not a predictions CSV (first column must be case_id)")
+    header, rows = utils.read_table(path, ["case_id"])
     names = [h[len("true:") :] for h in header if h.startswith("true:")]
     if not names or [h[len("prob:") :] for h in header if h.startswith("prob:")] != names or not rows:
         raise BadInput(f"{path}: needs matching true:<class> and prob:<class> columns and at least one row")
-    first = header.index(f"true:{names[0]}")
-    values = np.array([[float(v) for v in r[first : first + 2 * len(names)]] for r in rows])
-    patients = [r[header.index("patient_id")] if "patient_id" in header else r[0] for r in rows]
-    cases = [r[0] for r in rows]
+    values = np.empty((len(rows), 2 * len(names)))
+    for number, row in enumerate(rows, start=2):
+        for k, column in enumerate([f"true:{n}" for n in names] + [f"prob:{n}" for n in names]):
+            try:
+                values[number - 2, k] = float(row[column])
+            except ValueError:
+                values[number - 2, k] = np.nan
+            if not 0 <= values[number - 2, k] <= 1:  # nan too
+                raise BadInput(
+                    f"{path} row {number} column {column}: {row[column]!r} is not a number in [0, 1]"
+                )
+    patients = [r.get("patient_id", r["case_id"]) for r in rows]
+    cases = [r["case_id"] for r in rows]
     predictions = dict(cases=cases, patients=patients, y_true=values[:, : len(names)], classes=names)
     predictions["y_prob"] = values[:, len(names) :]
     return by_patient(predictions, path) if unit(per, names) == "patient" else predictions

@@ -68,7 +68,11 @@ def read_label_map(path):
     try:
         raw = json.loads(Path(path).read_text())
         raw = raw.get("labels", raw)
-        table = {int(i): str(name) for i, name in raw.items()}
+        table, key_of = {}, {}
+        for key, name in raw.items():
+            table[int(key)] = str(name)
+            if key_of.setdefault(int(key), key) != key:  # "1" and "01": one id, two names
+                raise BadInput(f"{path}: keys {key_of[int(key)]!r} and {key!r} are both label {int(key)}")
     except (OSError, ValueError, AttributeError) as error:
         raise BadInput(f"{path}: not a label map {{id: name}} ({error})") from None
     if not table or not all(0 < i < 255 for i in table) or len(set(table.values())) < len(table):
@@ -77,13 +81,19 @@ def read_label_map(path):
 
 
 def write_scheme(prep_dir, name, table):
-    """<prep>/labels.json, or check that the one there is this scheme: one prepared folder, one scheme."""
-    path = os.path.join(prep_dir, SCHEME)
-    if os.path.exists(path):
-        found = read_scheme(prep_dir)
-        if found[2] != mask_stamp(name, table):
-            raise BadInput(f"{path}: this folder holds masks of scheme {found[0]!r}, this run makes "
-                           f"{name!r}; use another --dst")  # fmt: skip
+    """<prep>/labels.json, or check that the one there is this scheme: one prepared folder, one scheme (a
+    labels.json without masks, left by a run that failed, is replaced)."""
+    path, masks = os.path.join(prep_dir, SCHEME), os.path.join(prep_dir, MASK)
+    holds_masks = os.path.isdir(masks) and bool(os.listdir(masks))  # a scheme left without masks is replaced
+    if os.path.exists(path) and holds_masks:
+        found_name, found, stamp = read_scheme(prep_dir)
+        if stamp != mask_stamp(name, table):
+            differ = [i for i in sorted(set(found) | set(table)) if found.get(i) != table.get(i)][:3]
+            shown = "; ".join(f"id {i}: {found.get(i)} there, {table.get(i)} here" for i in differ)
+            raise BadInput(
+                f"{path}: this folder holds masks of scheme {found_name!r}, this run makes {name!r}"
+                f"{' with other labels (' + shown + ')' if found_name == name else ''}; use another --dst"
+            )
         return
     os.makedirs(prep_dir, exist_ok=True)
     utils.write_json(path, {"scheme": name, "labels": {str(i): table[i] for i in sorted(table)}})

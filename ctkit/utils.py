@@ -37,9 +37,47 @@ def atomic_path(path):
             os.unlink(tmp)
 
 
+def check_writable_folder(path, flag):
+    """Before anything is written: `path` is, or can be made as, a folder this process writes in; else one
+    line naming the flag and the part of the path in the way."""
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):  # the nearest part of the path that exists must be a writable folder
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInput(f"{flag} {path}: {folder} is not a folder this process can write in")
+
+
+@contextlib.contextmanager
+def removed_on_failure(path):
+    """A file at `path` (None: nothing) that the block creates is removed again if the block fails, with the
+    folder it was made in if that is left empty."""
+    existed = path is None or os.path.exists(path)
+    folder_existed = path is None or os.path.isdir(os.path.dirname(os.path.abspath(path)))
+    try:
+        yield
+    except BaseException:
+        if not existed and os.path.exists(path):
+            os.remove(path)
+            folder = os.path.dirname(os.path.abspath(path))
+            if not folder_existed and not os.listdir(folder):
+                os.rmdir(folder)
+        raise
+
+
+def remove_temporaries(folder, names):
+    """Delete the hidden temporary files that a killed atomic_path writer of any of `names` left in folder."""
+    stems = {name.split(".")[0] for name in names}
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".tmp" in name and name[1:].split(".tmp")[0] in stems:
+            os.remove(os.path.join(folder, name))
+
+
 def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+        raise BadInput(f"{path}: not a JSON file this code wrote ({error})") from None
 
 
 def write_json(path, obj):
@@ -48,15 +86,37 @@ def write_json(path, obj):
 
 
 def read_csv(path, columns):
-    """Rows of a CSV as dicts; one clear error if the file or any required column is missing."""
+    """Rows of a CSV as dicts; see read_table."""
+    return read_table(path, columns)[1]
+
+
+def read_table(path, columns):
+    """(header, rows as dicts) of a CSV (rows numbered as a spreadsheet shows them: the header is row 1); one
+    clear error naming the file, and the row or column, if the file or a required column is missing, a column
+    name appears twice, a row has more or fewer fields than the header, or the text is not UTF-8."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BadInput(f"{path}: missing column(s) {missing}")
-        return list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+            reader = csv.reader(f)
+            header = next(reader, [])
+            twice = sorted({c for c in header if header.count(c) > 1})
+            if twice:
+                raise BadInput(f"{path}: column(s) {twice} appear more than once in the header")
+            missing = [c for c in columns if c not in header]
+            if missing:
+                raise BadInput(f"{path}: missing column(s) {missing}")
+            rows = []
+            for values in reader:
+                if values and len(values) != len(header):  # (a blank line is no row)
+                    raise BadInput(
+                        f"{path} row {reader.line_num}: {len(values)} fields, the header has {len(header)}"
+                    )
+                if values:
+                    rows.append(dict(zip(header, values)))
+            return header, rows
+    except UnicodeDecodeError as error:
+        raise BadInput(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None
 
 
 def write_csv(path, header, rows):
@@ -243,15 +303,23 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """Load with weights_only=True: only tensors and plain types are unpickled, so opening a checkpoint that
     someone shared cannot run code hidden in it. Anything else is refused with a message naming the file."""
+    if not os.path.isfile(path):
+        raise BadInput(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line), "")
-        raise ValueError(
+        raise BadInput(
             f"{path}: refused: the checkpoint holds pickled Python objects, not only tensors and plain types "
             f"({reason or 'weights_only load failed'}). Checkpoints of this version never do; load it "
             "yourself with torch.load(..., weights_only=False) only if you trust where it came from."
         ) from None
+    except Exception as error:  # empty, truncated, not a torch file: torch raises several kinds
+        reason = " ".join(str(error).split())[:200]
+        raise BadInput(f"{path}: not a readable checkpoint ({type(error).__name__}: {reason})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "args", "task"} <= set(checkpoint):
+        raise BadInput(f"{path}: not a checkpoint of train.py (it needs model, args and task entries)")
+    return checkpoint
 
 
 def saved_weights(path):

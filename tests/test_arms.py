@@ -22,7 +22,8 @@ def arm(root, tmp_path, seg):
     """(settings, task, splits, model) of one arm, as train.main builds them."""
     flags = ["--data-path", root, "--skip-missing", "-b", "2", "-j", "0", "--output-dir", tmp_path / str(seg)]
     args = train.get_args_parser().parse_args([str(f) for f in flags] + (["--seg"] if seg else []))
-    s, task, splits = train.prepare_run(args, "cpu")
+    s, notes = train.resolve(args, "chest", "cpu")
+    task, splits = train.prepare_run(s, notes, "chest", "cpu")
     model, *_ = train.setup_model(s, task, torch.device("cpu"))
     return s, task, splits, model
 

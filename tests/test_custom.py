@@ -122,9 +122,17 @@ def test_resume_keeps_the_split_and_a_changed_structure_set_is_refused(export, t
         ),
         (lambda rows: rows.append(rows[1]), r"labels.csv rows 2 and 12: case .* twice"),
         (lambda rows: [r.__delitem__(slice(2, None)) for r in rows], r"labels.csv: no finding columns"),
+        (lambda rows: rows[0].__setitem__(3, "pneumothorax"), r"labels.csv: column\(s\) \['pneumothorax'\]"),
+        (lambda rows: rows[4].append("1"), r"labels.csv row 5: 5 fields, the header has 4"),
+        (
+            lambda rows: [r.append(s) for r, s in zip(rows, ["split", "train", "test", *["train"] * 20])]
+            + [rows[2].__setitem__(1, rows[1][1])],
+            r"labels.csv rows 2 and 3: patient PAT000 in both train and test",
+        ),
     ],
-    ids=["blank", "not-0-1", "no-such-path", "duplicate", "no-findings"],
-)
+    ids=["blank", "not-0-1", "no-such-path", "duplicate", "no-findings", "column-twice", "extra-field",
+         "patient-in-two-splits"],
+)  # fmt: skip
 def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, message):
     rows = list(csv.reader(open(export / "labels.csv")))
     edit(rows)
@@ -135,6 +143,33 @@ def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, messag
         train_cli("--dataset", "custom", "--labels", bad, "--region", "chest", "--data-path", export,
                   "--output-dir", tmp_path / "run")  # fmt: skip
     assert not (tmp_path / "run" / "split.csv").exists()
+
+
+def test_a_labels_csv_that_is_not_utf8_is_named(export, tmp_path):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes(
+        (export / "labels.csv").read_bytes().replace(b"pneumothorax", "pneumothorax_é".encode("latin-1"))
+    )
+    with pytest.raises(SystemExit, match=r"latin1.csv: not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        train_cli("--dataset", "custom", "--labels", bad, "--region", "chest", "--data-path", export,
+                  "--output-dir", tmp_path / "run")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_map_with_one_id_twice_and_a_failed_runs_scheme(tmp_path):
+    (tmp_path / "map.json").write_text(json.dumps({"1": "spleen", "01": "kidney_left"}))
+    with pytest.raises(labels.BadInput, match=r"map.json: keys '1' and '01' are both label 1"):
+        prep.read_label_map(tmp_path / "map.json")
+    prep.write_scheme(tmp_path / "prep", "mine", {1: "spleen"})  # a run that then failed: no masks written
+    prep.write_scheme(tmp_path / "prep", "mine", {1: "kidney_left"})  # its corrected rerun: replaced
+    assert prep.read_scheme(tmp_path / "prep")[1] == {1: "kidney_left"}
+    (tmp_path / "prep" / "mask").mkdir()
+    (tmp_path / "prep" / "mask" / "case.nii").write_bytes(b"")  # once masks exist, the scheme is theirs
+    other = (
+        r"this run makes 'mine' with other labels \(id 1: kidney_left there, liver here\); use another --dst"
+    )
+    with pytest.raises(labels.BadInput, match=other):
+        prep.write_scheme(tmp_path / "prep", "mine", {1: "liver"})
 
 
 def test_a_single_valued_finding_is_a_warning(tmp_path, export, capsys):

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,32 @@ def test_make_masks_reports_each_bad_input_by_file(tmp_path):
     assert f"{src / 'four_d.nii.gz'}: ValueError: expected a 3D volume" in message
 
 
+def test_make_masks_follows_a_linked_series_folder_and_refuses_bad_flags(tmp_path):
+    """A DICOM series folder that is a symbolic link under --src is an input like any other (a link back up
+    the tree is walked once); --src, --shard and --dst that cannot be used end in one line, before anything
+    is written."""
+    from helpers import phantom, write_dicom_series
+    from make_masks import find_cases
+
+    write_dicom_series(tmp_path / "store" / "series1", phantom(0)[0], (0.0, 0.0, 0.0), False)
+    src = tmp_path / "src"
+    (src / "patient").mkdir(parents=True)
+    (src / "patient" / "ct").symlink_to(tmp_path / "store" / "series1", target_is_directory=True)
+    (src / "patient" / "loop").symlink_to(src, target_is_directory=True)
+    cases = find_cases(src)
+    assert [(kind, path) for kind, path in cases.values()] == [("dicom", src / "patient" / "ct")]
+    out = tmp_path / "out"
+    for flags, message in (
+        (["--src", tmp_path / "nowhere"], f"--src {tmp_path / 'nowhere'}: no such folder"),
+        (["--src", src, "--shard", "abc"], "--shard abc: give I/N with 0 <= I < N"),
+        (["--src", src, "--shard", "0/0"], "--shard 0/0: give I/N with 0 <= I < N"),
+        (["--src", src, "--dst", tmp_path / "store" / "series1" / "1.dcm" / "prep"], "is not a folder this"),
+    ):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            make_masks_cli(*flags, *([] if "--dst" in flags else ["--dst", out]))
+        assert not out.exists()
+
+
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path):
     """Same global batches (DistributedSampler splits each permutation), every case predicted exactly once.
     With lr 0 the weights stay those of the seeded initialisation: the predictions must agree to rounding."""
@@ -234,11 +261,63 @@ def test_resume_refuses_other_settings_and_test_only_needs_a_checkpoint(tmp_path
         train_cli(*SEG_RUN, "--output-dir", run, "--resume", best)
 
 
-def test_a_new_run_in_a_used_folder_leaves_nothing_of_the_old_one(tmp_path, seg_run):
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in Path(folder).iterdir()}
+
+
+def test_a_new_run_in_a_used_folder_is_refused_unless_told_to_overwrite(tmp_path, seg_run):
     run = copy_of(seg_run, tmp_path / "run")
     (run / "sharpness.json").write_text("{}")
-    train_cli(*SMALL, "--output-dir", run)  # without --seg, without --resume: a new run
+    before = snapshot(run)
+    refused = r"holds a run \(config.json, checkpoint.pth, iterations.csv, ...\): continue it with --resume"
+    with pytest.raises(SystemExit, match=refused + ", start it anew with --overwrite"):
+        train_cli(*SMALL, "--output-dir", run)  # without --seg, without --resume: a new run
+    assert snapshot(run) == before  # nothing written, nothing lost
+    train_cli(*SMALL, "--output-dir", run, "--overwrite")
     assert not (run / "dice_test.json").exists() and not (run / "sharpness.json").exists()
+    assert utils.read_json(run / "config.json")["seg"] is False
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path, seg_run):
+    run = copy_of(seg_run, tmp_path / "run")
+    before = snapshot(run)
+    for other in (["--model", "swin"], []):  # other settings than the checkpoint's: here, no --seg
+        with pytest.raises(SystemExit, match=r"checkpoint.pth: trained with (model='r3d'|seg=True)"):
+            train_cli(*SMALL, "--checkpoint-every", "2", *other, "--output-dir", run, "--resume")
+        assert snapshot(run) == before  # config.json still says what the checkpoint was trained with
+
+
+def test_resume_removes_the_temporaries_of_a_killed_checkpoint_writer(tmp_path, seg_run):
+    run = copy_of(seg_run, tmp_path / "run")
+    for name in (".checkpoint.tmp999-0.pth", ".checkpoint_best.tmp999-1.pth", ".config.tmp999-2.json"):
+        (run / name).write_bytes(b"half a file")  # as kill -9 during utils.atomic_path leaves them
+    (run / ".notes").write_text("the user's")
+    train_cli(*SEG_RUN, "--output-dir", run, "--resume")
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [".notes"]
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["-b", "0"], "--batch-size 0: must be at least 1"),
+     (["--synthetic-cases", "4", "0", "2"], "--synthetic-cases 4 0 2: must be at least 1"),
+     (["--epochs", "0"], "--epochs 0: must be at least 1")],
+)  # fmt: skip
+def test_impossible_numbers_end_in_one_line_before_anything_is_written(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        train_cli(*SMALL, *flags, "--output-dir", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_cannot_be_written_ends_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"file is not a folder this process can write in"):
+        train_cli(*SMALL, "--output-dir", tmp_path / "file" / "run")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root may write anywhere: nothing to test
+        pytest.skip("this process writes in read-only folders (root)")
+    with pytest.raises(SystemExit, match=r"locked is not a folder this process can write in"):
+        train_cli(*SMALL, "--output-dir", locked / "run")
 
 
 def test_a_log_without_header_ends_in_one_line(tmp_path, seg_run):
@@ -249,3 +328,72 @@ def test_a_log_without_header_ends_in_one_line(tmp_path, seg_run):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "iterations.csv: header" in result.stderr.strip().splitlines()[-1]
+
+
+def test_predict_ends_in_one_line_for_each_unreadable_ct_or_checkpoint(tmp_path, seg_run):
+    """tools/predict.py on CTs and checkpoints that cannot be read: one line naming the file, exit status 1"""
+    import predict
+
+    ct = np.asarray(nib.load(EXAMPLE / "example_ct_sm.nii.gz").dataobj)
+    nib.save(nib.Nifti1Image(ct, np.diag([1.5, 1.5, 3.0, 1.0])), tmp_path / "good.nii.gz")
+    good = (tmp_path / "good.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "no_extension").write_bytes(good)
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    np.savez(tmp_path / "no_ct.npz", volume=np.zeros((4, 4, 4)))
+    (tmp_path / "series").mkdir()
+    (tmp_path / "series" / "1.dcm").write_bytes(b"\0" * 64)
+    checkpoint = seg_run / "checkpoint_best.pth"
+    (tmp_path / "cut.pth").write_bytes(checkpoint.read_bytes()[:5000])
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pth")
+    cases = [(name, checkpoint, f"{name}: cannot read it as ") for name in
+             ("cut.nii.gz", "no_extension", "junk.npz", "no_ct.npz", "series")]  # fmt: skip
+    cases[2] = ("junk.npz", checkpoint, "junk.npz: ")  # numpy's own ValueError, with the file's name
+    cases += [
+        ("good.nii.gz", tmp_path / name, f"{name}: not a") for name in ("cut.pth", "empty.pth", "foreign.pth")
+    ]
+    for ct_name, weights, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            predict.cli([str(tmp_path / ct_name), "--checkpoint", str(weights)])
+        text = str(stop.value)
+        assert text.startswith(f"cannot classify {tmp_path / ct_name}: ") and "\n" not in text, text
+        assert message in text or (ct_name == "junk.npz" and "cannot" in text), text
+
+
+def test_evaluate_ends_in_one_line_for_bad_predictions_and_run_files(tmp_path, seg_run):
+    import evaluate
+
+    run = copy_of(seg_run, tmp_path / "run")
+    rows = (run / "predictions_test.csv").read_text().splitlines()
+    last = r"row 2 column prob:emphysema: '{}' is not a number in \[0, 1\]"
+    for name, edit, message in (
+        ("text", lambda r: r[1].rsplit(",", 1)[0] + ",high", last.format("high")),
+        ("nan", lambda r: r[1].rsplit(",", 1)[0] + ",nan", last.format("nan")),
+        ("torn", lambda r: r[1][: len(r[1]) // 2], r"row 2: \d+ fields, the header has \d+"),
+    ):
+        bad = tmp_path / f"{name}.csv"
+        bad.write_text("\n".join([rows[0], edit(rows), *rows[2:]]) + "\n")
+        with pytest.raises(SystemExit, match=f"{name}.csv {message}"):
+            evaluate.cli([str(bad)])
+    (run / "config.json").write_text('{"model": "r3d", ')
+    with pytest.raises(SystemExit, match=r"config.json: not a JSON file this code wrote"):
+        evaluate.cli([str(run), "--evidence"])
+
+
+def test_a_gantry_tilted_dicom_series_is_refused_in_one_line(tmp_path):
+    """Slice positions sheared along y (a tilted gantry): refused, naming the tilt and the way out."""
+    from pydicom import dcmread
+
+    from helpers import phantom, write_dicom_series
+
+    write_dicom_series(tmp_path / "tilted", phantom(0)[0], (0.0, 0.0, 0.0), False)
+    for path in (tmp_path / "tilted").iterdir():
+        ds = dcmread(path)
+        z = float(ds.ImagePositionPatient[2])
+        ds.ImagePositionPatient = [0.0, z * np.tan(np.deg2rad(15)), z]  # 15 degrees of gantry tilt
+        ds.save_as(path)
+    with pytest.raises(
+        ValueError, match=r"a gantry-tilted series: each slice is shifted 0.804 mm .*dcm2niix"
+    ):
+        ct_io.read_case("dicom", tmp_path / "tilted")

@@ -171,7 +171,7 @@ def cli(argv=None):
     try:
         predict(args.ct, args.checkpoint, args.explain, args.features)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot classify {args.ct}: {error}") from None
+        raise SystemExit(f"cannot classify {args.ct}: {utils.one_line(error)}") from None
 
 
 if __name__ == "__main__":
