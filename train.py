@@ -282,18 +282,17 @@ def check_output_folder(s):
 
 
 def prepare_folder(s, task, iteration):
-    """The run's first writes, after every check: the folder, config.json, no temporary file of a killed
-    writer; a new run starts new logs and leaves no result of an earlier one (--overwrite), a resumed one
-    drops the log rows written after its checkpoint."""
+    """The run's first writes, after every check: the folder, no temporary file of a killed writer; a new run
+    starts new logs and leaves no result of an earlier one (--overwrite), a resumed one drops the log rows
+    written after its checkpoint; then config.json."""
     os.makedirs(s.output_dir, exist_ok=True)
     utils.remove_temporaries(s.output_dir, RUN_FILES)
-    utils.write_json(
-        os.path.join(s.output_dir, "config.json"), {**dataclasses.asdict(s), "task": task.to_dict()}
-    )
     logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
             "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
     stale = ("checkpoint.pth", *logs, *STALE) if iteration == 0 else ()
-    utils.prepare_folder(s.output_dir, logs, stale)
+    utils.prepare_folder(s.output_dir, logs, stale)  # first: a kill never pairs new settings with old weights
+    config = {**dataclasses.asdict(s), "task": task.to_dict()}
+    utils.write_json(os.path.join(s.output_dir, "config.json"), config)
 
 
 def validate(model, loaders, task, s, epoch, iteration, seconds):
