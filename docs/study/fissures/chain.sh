@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The positive control's runs (docs/synthetic_study_fissures.md §2), resumable: rerun it after any stop.
+# Run as: STUDY_COMMIT=b3e3eb5 setsid nohup bash docs/study/fissures/chain.sh > runs/fissures64/chain.log (from
+# /work/fissures64, a worktree). Waits for the check (started from commit 6ad9f3f), then moves the worktree to the study's commit and runs
+# the protocol's order; every grid4.py command skips what has finished and resumes what has a checkpoint.
+set -u
+cd /work/fissures64
+py=/work/main/.venv/bin/python
+out=runs/fissures64
+while pgrep -f "grid4.py --out runs/fissures64 check" > /dev/null; do sleep 30; done
+git checkout -q --detach "${STUDY_COMMIT:?}"
+echo "study code: $(git log --oneline -1)"
+level=F
+if ! $py - "$out/check_F/check.csv" << 'PY'
+import csv, sys
+row = next(csv.DictReader(open(sys.argv[1])))
+sys.exit(0 if all(float(row[c]) >= 0.60 for c in ("nodule_right_upper_lobe", "nodule_left_lower_lobe")) else 1)
+PY
+then  # the protocol's rule: a nodule class below 0.60 -> the check at F12, and the study at F12
+  $py docs/study/grid4.py --out $out check --level F12 2>&1 | sed -u '/predictions_test.csv: /,/^thresholds: /d'
+  level=F12
+fi
+echo "study level: $level"
+for seed in 0 1 2; do
+  for arm in base seg; do
+    $py docs/study/grid4.py --out $out run --seed $seed --arm $arm --level $level || exit 1
+  done
+  $py docs/study/grid4.py --out $out report > "$out/report_s$seed.txt" 2>&1
+done
