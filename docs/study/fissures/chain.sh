@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The positive control's runs (docs/synthetic_study_fissures.md §2), resumable: rerun it after any stop.
-# Run as: STUDY_COMMIT=b3e3eb5 setsid nohup bash docs/study/fissures/chain.sh > runs/fissures64/chain.log (from
-# /work/fissures64, a worktree). Waits for the check (started from commit 6ad9f3f), then moves the worktree to the study's commit and runs
-# the protocol's order; every grid4.py command skips what has finished and resumes what has a checkpoint.
+#   cd /work/fissures64 && STUDY_COMMIT=b3e3eb5 setsid nohup bash /work/main/docs/study/fissures/chain.sh \
+#       >> runs/fissures64/chain.log 2>&1 &          # /work/fissures64: a worktree of this repository
+# Waits for the check (started from commit 6ad9f3f), moves the worktree to the study's commit, applies the
+# check's rule, then runs the protocol's order; every grid4.py command skips what has finished and resumes
+# what has a checkpoint.
 set -u
 cd /work/fissures64
 py=/work/main/.venv/bin/python
