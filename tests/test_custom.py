@@ -145,6 +145,14 @@ def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, messag
     assert not (tmp_path / "run" / "split.csv").exists()
 
 
+def test_a_run_that_stops_after_drawing_its_split_leaves_no_split(export, tmp_path):
+    """The split is drawn while the dataset is built; a run refused after that (here: its --resume checkpoint
+    does not exist) removes it again, and the folder it made, so a corrected rerun draws anew."""
+    with pytest.raises(SystemExit, match=r"nothing.pth: no such checkpoint file"):
+        train_custom(export, tmp_path / "run", "--resume", tmp_path / "nothing.pth")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_labels_csv_that_is_not_utf8_is_named(export, tmp_path):
     bad = tmp_path / "latin1.csv"
     bad.write_bytes(
