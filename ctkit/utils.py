@@ -56,11 +56,12 @@ def removed_on_failure(path):
     try:
         yield
     except BaseException:
-        if not existed and os.path.exists(path):
-            os.remove(path)
-            folder = os.path.dirname(os.path.abspath(path))
-            if not folder_existed and not os.listdir(folder):
-                os.rmdir(folder)
+        if not existed:  # (torchrun: every process tries; the first one removes)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            if not folder_existed:
+                with contextlib.suppress(OSError):  # gone already, or not empty
+                    os.rmdir(os.path.dirname(os.path.abspath(path)))
         raise
 
 
