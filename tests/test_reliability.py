@@ -376,6 +376,9 @@ def test_evaluate_ends_in_one_line_for_bad_predictions_and_run_files(tmp_path, s
         bad.write_text("\n".join([rows[0], edit(rows), *rows[2:]]) + "\n")
         with pytest.raises(SystemExit, match=f"{name}.csv {message}"):
             evaluate.cli([str(bad)])
+    (run / "checkpoint_best.pth").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"checkpoint_best.pth: not a readable checkpoint"):
+        evaluate.cli([str(run), "--evidence"])
     (run / "config.json").write_text('{"model": "r3d", ')
     with pytest.raises(SystemExit, match=r"config.json: not a JSON file this code wrote"):
         evaluate.cli([str(run), "--evidence"])
