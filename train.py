@@ -47,7 +47,8 @@ RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed"
                    "synthetic_variant", "labels", "test_fraction", "amp")  # the task holds the structures
 STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
          "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
-         "seg_report_val.json", "seg_report_test.json", "sharpness.json")
+         "seg_report_val.json", "seg_report_test.json", "sharpness.json", "evidence_by_anatomy_test.json",
+         "evidence_by_anatomy_test.csv")
 RUN_FILES = ("config.json", "checkpoint.pth", "iterations.csv", "epochs.csv", *STALE)  # make a folder a run's
 # fmt: on
 
@@ -180,14 +181,16 @@ def resolve(args, region, device):
         if args.seg and args.structures != "paper":  # runs of other structure sets do not share a folder
             suffix += "_" + re.sub(r"[^\w+=-]+", "-", args.structures)[:40]
         output_dir = os.path.join("runs", f"{args.dataset}_{args.model}{suffix}_s{args.seed}")
-    resume = args.resume
+    resume, overwrite = args.resume, args.overwrite
     if resume == "auto":  # a requeued job reruns one command: resume if there is a checkpoint
         path = os.path.join(output_dir, "checkpoint.pth")
         resume = path if os.path.exists(path) else None
+        results = [name for name in STALE if os.path.exists(os.path.join(output_dir, name))]
+        overwrite = overwrite or (resume is None and not results)  # killed before its first checkpoint
     if args.test_only and not resume:
         raise BadInput(f"--test-only: no checkpoint to evaluate in {output_dir}")
     prep_dir = args.prep_dir or (os.path.join(args.data_path, "prep") if args.data_path else None)
-    given.update(output_dir=output_dir, resume=resume, prep_dir=prep_dir, device=device)
+    given.update(output_dir=output_dir, resume=resume, overwrite=overwrite, prep_dir=prep_dir, device=device)
     return Settings(**given), notes
 
 
@@ -388,6 +391,8 @@ def main(args):
         objective = torch.nn.parallel.DistributedDataParallel(objective, utils.device_ids(device))
     if rank == 0 and not s.test_only:
         prepare_folder(s, task, iteration)
+    elif rank == 0:  # --test-only: the predictions go to the checkpoint's folder or a new one
+        os.makedirs(s.output_dir, exist_ok=True)
     save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, s=s, task=task)
     mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
     (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None

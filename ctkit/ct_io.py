@@ -9,7 +9,6 @@ the files it stores) and tools/predict.py.
 """
 
 import ast
-import csv
 import os
 from pathlib import Path
 
@@ -57,8 +56,10 @@ def load_metadata(paths):
     """{VolumeName: row} of CT-RATE metadata CSVs."""
     rows = {}
     for path in paths or []:
-        with open(path, newline="") as f:
-            rows.update({row["VolumeName"]: row for row in csv.DictReader(f)})
+        try:
+            rows.update({row["VolumeName"]: row for row in utils.read_csv(path, ["VolumeName"])})
+        except FileNotFoundError as error:
+            raise utils.BadInput(f"--metadata {error}") from None
     return rows
 
 

@@ -66,14 +66,16 @@ def mask_stamp(name, table):
 def read_label_map(path):
     """{id: name} of a label-map JSON ({"1": "liver", ...} or {"labels": {...}}): ids 1..254, names unique."""
     try:
-        raw = json.loads(Path(path).read_text())
-        raw = raw.get("labels", raw)
+        pairs = json.loads(Path(path).read_text(), object_pairs_hook=list)  # a key given twice stays visible
+        raw = dict(pairs).get("labels", pairs)
         table, key_of = {}, {}
-        for key, name in raw.items():
-            table[int(key)] = str(name)
-            if key_of.setdefault(int(key), key) != key:  # "1" and "01": one id, two names
+        for key, name in raw:
+            if key_of.setdefault(int(key), key) != key or int(key) in table:  # "1" twice, or "1" and "01"
                 raise BadInput(f"{path}: keys {key_of[int(key)]!r} and {key!r} are both label {int(key)}")
-    except (OSError, ValueError, AttributeError) as error:
+            table[int(key)] = str(name)
+    except BadInput:
+        raise
+    except (OSError, ValueError, AttributeError, TypeError) as error:
         raise BadInput(f"{path}: not a label map {{id: name}} ({error})") from None
     if not table or not all(0 < i < 255 for i in table) or len(set(table.values())) < len(table):
         raise BadInput(f"{path}: label ids must be 1..254 (0 is background) and each name must appear once")

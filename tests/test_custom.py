@@ -165,9 +165,15 @@ def test_a_labels_csv_that_is_not_utf8_is_named(export, tmp_path):
 
 
 def test_a_label_map_with_one_id_twice_and_a_failed_runs_scheme(tmp_path):
-    (tmp_path / "map.json").write_text(json.dumps({"1": "spleen", "01": "kidney_left"}))
-    with pytest.raises(labels.BadInput, match=r"map.json: keys '1' and '01' are both label 1"):
-        prep.read_label_map(tmp_path / "map.json")
+    for text, keys in (
+        ('{"1": "spleen", "01": "kidney_left"}', "'1' and '01'"),
+        ('{"1": "a", "1": "b"}', "'1' and '1'"),
+    ):
+        (tmp_path / "map.json").write_text(text)
+        with pytest.raises(
+            labels.BadInput, match=rf"^{tmp_path / 'map.json'}: keys {keys} are both label 1$"
+        ):
+            prep.read_label_map(tmp_path / "map.json")
     prep.write_scheme(tmp_path / "prep", "mine", {1: "spleen"})  # a run that then failed: no masks written
     prep.write_scheme(tmp_path / "prep", "mine", {1: "kidney_left"})  # its corrected rerun: replaced
     assert prep.read_scheme(tmp_path / "prep")[1] == {1: "kidney_left"}

@@ -278,6 +278,21 @@ def test_a_new_run_in_a_used_folder_is_refused_unless_told_to_overwrite(tmp_path
     assert utils.read_json(run / "config.json")["seg"] is False
 
 
+def test_a_requeued_run_killed_before_its_first_checkpoint_starts_anew(tmp_path, seg_run):
+    """--resume with no checkpoint yet and no result in the folder (a kill before the first checkpoint): the
+    same command starts the run again, and ends as an uninterrupted run; --test-only may write elsewhere."""
+    run = tmp_path / "requeued"
+    run.mkdir()
+    for name in ("config.json", "iterations.csv"):
+        shutil.copy(seg_run / name, run / name)
+    train_cli(*SEG_RUN, "--output-dir", run, "--resume")
+    assert (run / "predictions_test.csv").read_text() == (seg_run / "predictions_test.csv").read_text()
+    train_cli(
+        *SEG_RUN, "--test-only", "--resume", seg_run / "checkpoint_best.pth", "--output-dir", tmp_path / "new"
+    )
+    assert (tmp_path / "new" / "predictions_test.csv").exists()
+
+
 def test_a_refused_resume_changes_nothing_in_the_run_folder(tmp_path, seg_run):
     run = copy_of(seg_run, tmp_path / "run")
     before = snapshot(run)
@@ -349,7 +364,7 @@ def test_predict_ends_in_one_line_for_each_unreadable_ct_or_checkpoint(tmp_path,
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pth")
     cases = [(name, checkpoint, f"{name}: cannot read it as ") for name in
              ("cut.nii.gz", "no_extension", "junk.npz", "no_ct.npz", "series")]  # fmt: skip
-    cases[2] = ("junk.npz", checkpoint, "junk.npz: ")  # numpy's own ValueError, with the file's name
+    cases[2] = ("junk.npz", checkpoint, "pickled")  # numpy refuses it as pickled data, in its own words
     cases += [
         ("good.nii.gz", tmp_path / name, f"{name}: not a") for name in ("cut.pth", "empty.pth", "foreign.pth")
     ]
@@ -358,7 +373,7 @@ def test_predict_ends_in_one_line_for_each_unreadable_ct_or_checkpoint(tmp_path,
             predict.cli([str(tmp_path / ct_name), "--checkpoint", str(weights)])
         text = str(stop.value)
         assert text.startswith(f"cannot classify {tmp_path / ct_name}: ") and "\n" not in text, text
-        assert message in text or (ct_name == "junk.npz" and "cannot" in text), text
+        assert message in text, text
 
 
 def test_evaluate_ends_in_one_line_for_bad_predictions_and_run_files(tmp_path, seg_run):
