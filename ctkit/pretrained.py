@@ -62,7 +62,13 @@ def load_pretrained(backbone, source):
     if source == "download":
         state = WEIGHTS[backbone.arch].get_state_dict(progress=True, check_hash=True)
     else:
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as error:  # missing, empty, truncated, pickled objects: torch raises several kinds
+            reason = " ".join(str(error).split())[:200]
+            raise ValueError(
+                f"--pretrained {source}: not a readable state dict ({type(error).__name__}: {reason})"
+            ) from None
     replaced, own = REPLACED[backbone.arch], backbone.net.state_dict()
     new, adapted, skipped = {}, [], []
     for name, value in state.items():

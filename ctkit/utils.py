@@ -77,7 +77,7 @@ def read_json(path):
     try:
         with open(path) as f:
             return json.load(f)
-    except (ValueError, UnicodeDecodeError) as error:  # json.JSONDecodeError is a ValueError
+    except ValueError as error:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise BadInput(f"{path}: not a JSON file this code wrote ({error})") from None
 
 

@@ -107,6 +107,9 @@ def test_wrong_file_is_refused(pretrained_files, tmp_path):
     torch.save({}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="no value for"):
         load_pretrained(CTClassifier("r3d", 3, SMALL).backbone, tmp_path / "empty.pth")
+    (tmp_path / "cut.pth").write_bytes(pretrained_files["r3d"].read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=r"--pretrained .*cut.pth: not a readable state dict"):  # one line
+        train_cli("--pretrained", tmp_path / "cut.pth", "--epochs", "1", "--output-dir", tmp_path / "run")
 
 
 def test_train_with_pretrained_file(pretrained_files, tmp_path, capsys):
