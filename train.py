@@ -289,7 +289,7 @@ def prepare_folder(s, task, iteration):
     starts new logs and leaves no result of an earlier one (--overwrite), a resumed one drops the log rows
     written after its checkpoint; then config.json."""
     os.makedirs(s.output_dir, exist_ok=True)
-    utils.remove_temporaries(s.output_dir, RUN_FILES)
+    utils.remove_temporaries(s.output_dir, lambda stem: stem in {name.split(".")[0] for name in RUN_FILES})
     logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
             "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
     stale = ("checkpoint.pth", *logs, *STALE) if iteration == 0 else ()

@@ -136,9 +136,7 @@ def remove_temporaries(prep_dir, mine):
     """Delete the hidden temporary files a killed run left, of the cases for which mine(case) is true."""
     for sub in (CT, MASK, QC):
         os.makedirs(os.path.join(prep_dir, sub), exist_ok=True)
-        for name in os.listdir(os.path.join(prep_dir, sub)):
-            if name.startswith(".") and ".tmp" in name and mine(name[1:].rsplit(".tmp", 1)[0]):
-                os.unlink(os.path.join(prep_dir, sub, name))
+        utils.remove_temporaries(os.path.join(prep_dir, sub), mine)
 
 
 def is_prep(folder):

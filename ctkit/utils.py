@@ -65,11 +65,11 @@ def removed_on_failure(path):
         raise
 
 
-def remove_temporaries(folder, names):
-    """Delete the hidden temporary files that a killed atomic_path writer of any of `names` left in folder."""
-    stems = {name.split(".")[0] for name in names}
+def remove_temporaries(folder, mine):
+    """Delete the hidden temporary files a killed atomic_path writer left in folder, of the files whose name
+    without extension `mine(stem)` accepts."""
     for name in os.listdir(folder):
-        if name.startswith(".") and ".tmp" in name and name[1:].split(".tmp")[0] in stems:
+        if name.startswith(".") and ".tmp" in name and mine(name[1:].rsplit(".tmp", 1)[0]):
             os.remove(os.path.join(folder, name))
 
 
