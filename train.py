@@ -271,11 +271,16 @@ def setup_model(s, task, device):
     return model, optimizer, scaler, checkpoint["iteration"], checkpoint["best_auc"]
 
 
+def continues_its_run(s):
+    """Whether the run folder is the folder of the checkpoint resumed or evaluated: it holds that run."""
+    return bool(s.resume) and os.path.realpath(os.path.dirname(s.resume)) == os.path.realpath(s.output_dir)
+
+
 def check_output_folder(s):
-    """Before anything is written: a new run never replaces another run's results without --overwrite, and
-    the run folder can be made and written (a resumed or evaluating run's folder already holds its files)."""
+    """Before anything is written: a run never replaces another run's results without --overwrite (a
+    checkpoint resumed or evaluated in its own folder continues that run), and the folder can be written."""
     found = [name for name in RUN_FILES if os.path.exists(os.path.join(s.output_dir, name))]
-    if found and not (s.resume or s.test_only or s.overwrite):
+    if found and not (continues_its_run(s) or s.overwrite):
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise BadInput(
             f"{s.output_dir} holds a run ({shown}): continue it with --resume, start it anew with "
@@ -285,15 +290,18 @@ def check_output_folder(s):
 
 
 def prepare_folder(s, task, iteration):
-    """The run's first writes, after every check: the folder, no temporary file of a killed writer; a new run
-    starts new logs and leaves no result of an earlier one (--overwrite), a resumed one drops the log rows
-    written after its checkpoint; then config.json."""
+    """The run's first writes, after every check: the folder, no temporary file of a killed writer; a run
+    that does not continue the folder's own leaves no file of an earlier one (--overwrite), a resumed one
+    drops the log rows written after its checkpoint; then config.json (not for --test-only)."""
     os.makedirs(s.output_dir, exist_ok=True)
     utils.remove_temporaries(s.output_dir, lambda stem: stem in {name.split(".")[0] for name in RUN_FILES})
     logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
             "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
-    stale = ("checkpoint.pth", *logs, *STALE) if iteration == 0 else ()
-    utils.prepare_folder(s.output_dir, logs, stale)  # first: a kill never pairs new settings with old weights
+    earlier = () if continues_its_run(s) else RUN_FILES  # a new run, or a checkpoint taken to a new folder
+    # first: a kill never pairs new settings with old weights
+    utils.prepare_folder(s.output_dir, {} if s.test_only else logs, earlier)
+    if s.test_only:
+        return
     config = {**dataclasses.asdict(s), "task": task.to_dict()}
     utils.write_json(os.path.join(s.output_dir, "config.json"), config)
 
@@ -389,10 +397,8 @@ def main(args):
     objective = Objective(model, task.kind, s.seg_weight, s.seg_chunk)  # the loss; `model` is what is saved
     if world_size > 1:
         objective = torch.nn.parallel.DistributedDataParallel(objective, utils.device_ids(device))
-    if rank == 0 and not s.test_only:
+    if rank == 0:
         prepare_folder(s, task, iteration)
-    elif rank == 0:  # --test-only: the predictions go to the checkpoint's folder or a new one
-        os.makedirs(s.output_dir, exist_ok=True)
     save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, s=s, task=task)
     mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
     (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None

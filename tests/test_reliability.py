@@ -278,6 +278,28 @@ def test_a_new_run_in_a_used_folder_is_refused_unless_told_to_overwrite(tmp_path
     assert utils.read_json(run / "config.json")["seg"] is False
 
 
+def test_a_checkpoint_taken_to_another_run_folder_is_refused_unless_told_to_overwrite(tmp_path, seg_run):
+    """--resume or --test-only with a checkpoint of run A into run B's folder would mix A's weights with B's
+    logs and results: refused like a new run; with --overwrite, B's files go first."""
+    other = copy_of(seg_run, tmp_path / "other")
+    before = snapshot(other)
+    refused = r"other holds a run \(config.json, checkpoint.pth, iterations.csv, ...\)"
+    for flags in (
+        ["--resume", seg_run / "checkpoint.pth"],
+        ["--test-only", "--resume", seg_run / "checkpoint.pth"],
+    ):
+        with pytest.raises(SystemExit, match=refused):
+            train_cli(*SEG_RUN, *flags, "--output-dir", other)
+        assert snapshot(other) == before
+    train_cli(
+        *SEG_RUN, "--test-only", "--resume", seg_run / "checkpoint.pth", "--output-dir", other, "--overwrite"
+    )
+    assert {"checkpoint.pth", "checkpoint_best.pth", "config.json", "iterations.csv"}.isdisjoint(
+        os.listdir(other)
+    )
+    assert (other / "predictions_test.csv").exists()
+
+
 def test_a_requeued_run_killed_before_its_first_checkpoint_starts_anew(tmp_path, seg_run):
     """--resume with no checkpoint yet and no result in the folder (a kill before the first checkpoint): the
     same command starts the run again, and ends as an uninterrupted run; --test-only may write elsewhere."""
