@@ -257,8 +257,8 @@ def resolve(args):
 
 
 def prepare(s):
-    """The cases of this shard and their Inputs; writes (or checks) <dst>/labels.json and removes a killed
-    run's temporary files."""
+    """The cases of this shard and their Inputs, every input read and checked first; then writes (or checks)
+    <dst>/labels.json and removes a killed run's temporary files."""
     cases = find_cases(s.src, skip=(s.dst, s.from_masks), exclude=s.exclude)
     mine = sorted(c for c in cases if in_shard(c, s.shard))
     if not mine:
@@ -266,8 +266,6 @@ def prepare(s):
     name, table = (
         (s.label_map.stem, prep.read_label_map(s.label_map)) if s.label_map else prep.totalseg_scheme()
     )
-    prep.write_scheme(s.dst, name, table)
-    prep.remove_temporaries(s.dst, lambda case: in_shard(case, s.shard))  # a killed run's, this shard's cases
     map_files = {}
     for path in sorted(s.from_masks.rglob("*.nii*")) if s.from_masks else ():
         case = prep.case_id(path)
@@ -275,11 +273,12 @@ def prepare(s):
             raise BadInput(f"two label maps for case {case}: {map_files[case]} and {path}")
         map_files[case] = path
     qc_groups = mask_qc.qc_structures(name, table, s.region)
-    return (
-        cases,
-        mine,
-        Inputs(ct_io.load_metadata(s.metadata), map_files, table, prep.mask_stamp(name, table), qc_groups),
+    inputs = Inputs(
+        ct_io.load_metadata(s.metadata), map_files, table, prep.mask_stamp(name, table), qc_groups
     )
+    prep.write_scheme(s.dst, name, table)  # the first write
+    prep.remove_temporaries(s.dst, lambda case: in_shard(case, s.shard))  # a killed run's, this shard's cases
+    return cases, mine, inputs
 
 
 def main(args):

@@ -195,8 +195,8 @@ def test_make_masks_reports_each_bad_input_by_file(tmp_path):
 
 def test_make_masks_follows_a_linked_series_folder_and_refuses_bad_flags(tmp_path):
     """A DICOM series folder that is a symbolic link under --src is an input like any other (a link back up
-    the tree is walked once); --src, --shard and --dst that cannot be used end in one line, before anything
-    is written."""
+    the tree is walked once); flags and inputs that cannot be used end in one line, before anything is
+    written."""
     from helpers import phantom, write_dicom_series
     from make_masks import find_cases
 
@@ -208,8 +208,11 @@ def test_make_masks_follows_a_linked_series_folder_and_refuses_bad_flags(tmp_pat
     cases = find_cases(src)
     assert [(kind, path) for kind, path in cases.values()] == [("dicom", src / "patient" / "ct")]
     out = tmp_path / "out"
+    (tmp_path / "map.json").write_text('{"1": "spleen", "01": "kidney_left"}')
     for flags, message in (
         (["--src", tmp_path / "nowhere"], f"--src {tmp_path / 'nowhere'}: no such folder"),
+        (["--src", src, "--from-masks", src, "--label-map", tmp_path / "map.json"], "'1' and '01' are both"),
+        (["--src", src, "--metadata", tmp_path / "none.csv"], f"{tmp_path / 'none.csv'}: "),
         (["--src", src, "--shard", "abc"], "--shard abc: give I/N with 0 <= I < N"),
         (["--src", src, "--shard", "0/0"], "--shard 0/0: give I/N with 0 <= I < N"),
         (["--src", src, "--dst", tmp_path / "store" / "series1" / "1.dcm" / "prep"], "is not a folder this"),
