@@ -90,14 +90,19 @@ def read_dicom_series(folder):
     row_cos, col_cos = np.split(np.array(slices[0].ImageOrientationPatient, float), 2)
     normal = np.cross(row_cos, col_cos)
     slices.sort(key=lambda ds: float(np.dot(ds.ImagePositionPatient, normal)))
-    steps = np.diff([np.array(ds.ImagePositionPatient, float) for ds in slices], axis=0)  # (n - 1, 3) mm
-    gaps = steps @ normal
-    shear = np.abs(steps - gaps[:, None] * normal).max() if len(steps) else 0.0
-    if shear > 0.01 * min(float(v) for v in slices[0].PixelSpacing):
+    positions = np.array([ds.ImagePositionPatient for ds in slices], float)  # (n, 3) mm
+    gaps = np.diff(positions, axis=0) @ normal
+    # a tilted gantry shifts each slice within its plane: refused once the shift reaches half a pixel over the
+    # series (the grid error it would cause), which the rounding of written positions never does
+    along = (positions - positions[0]) @ normal
+    drift = np.linalg.norm(positions - positions[0] - along[:, None] * normal, axis=1).max()
+    if drift > 0.5 * min(float(v) for v in slices[0].PixelSpacing):
+        angle = np.degrees(np.arctan2(drift, along[-1]))
         raise ValueError(
-            f"a gantry-tilted series: each slice is shifted {shear:.3g} mm within its plane against the last "
-            "(a sheared volume, which TotalSegmentator's and this code's grids cannot hold); convert it with "
-            "a tool that corrects the tilt (e.g. dcm2niix) and give the NIfTI"
+            f"a gantry-tilted series: the slices shift {drift:.3g} mm within their plane over "
+            f"{along[-1]:.3g} mm (a tilt of {angle:.3g} degrees; a sheared volume, which TotalSegmentator's "
+            "and this code's grids cannot hold); convert it with a tool that corrects the tilt (e.g. "
+            "dcm2niix) and give the NIfTI"
         )
     if len(slices) < 2 or gaps.min() <= 0 or gaps.max() - gaps.min() > 0.1 * np.median(gaps):
         low, high = (gaps.min(), gaps.max()) if len(gaps) else (0, 0)

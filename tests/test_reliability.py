@@ -424,19 +424,35 @@ def test_evaluate_ends_in_one_line_for_bad_predictions_and_run_files(tmp_path, s
         evaluate.cli([str(run), "--evidence"])
 
 
-def test_a_gantry_tilted_dicom_series_is_refused_in_one_line(tmp_path):
-    """Slice positions sheared along y (a tilted gantry): refused, naming the tilt and the way out."""
+def test_a_gantry_tilted_dicom_series_is_refused_and_an_oblique_one_read(tmp_path):
+    """Slice positions sheared within the slice plane (a tilted gantry) are refused in one line naming the
+    tilt and the way out, once the shift reaches half a pixel over the series; an oblique series whose
+    slices follow its normal, and positions rounded to 0.01 mm, are read."""
     from pydicom import dcmread
 
     from helpers import phantom, write_dicom_series
 
-    write_dicom_series(tmp_path / "tilted", phantom(0)[0], (0.0, 0.0, 0.0), False)
-    for path in (tmp_path / "tilted").iterdir():
-        ds = dcmread(path)
-        z = float(ds.ImagePositionPatient[2])
-        ds.ImagePositionPatient = [0.0, z * np.tan(np.deg2rad(15)), z]  # 15 degrees of gantry tilt
-        ds.save_as(path)
-    with pytest.raises(
-        ValueError, match=r"a gantry-tilted series: each slice is shifted 0.804 mm .*dcm2niix"
-    ):
-        ct_io.read_case("dicom", tmp_path / "tilted")
+    def series(name, orientation, position):  # position(z) of each slice of the axial helper series
+        write_dicom_series(tmp_path / name, phantom(0)[0], (0.0, 0.0, 0.0), False)
+        for path in (tmp_path / name).iterdir():
+            ds = dcmread(path)
+            ds.ImageOrientationPatient = orientation
+            ds.ImagePositionPatient = [round(v, 2) for v in position(float(ds.ImagePositionPatient[2]))]
+            ds.save_as(path)
+        return tmp_path / name
+
+    axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    tilted = series("tilted", axial, lambda z: [0.0, z * np.tan(np.deg2rad(15)), z])
+    with pytest.raises(ValueError, match=r"a gantry-tilted series: .* \(a tilt of 15 degrees; .*dcm2niix"):
+        ct_io.read_case("dicom", tilted)
+    depth = 3.0 * (phantom(0)[0].shape[2] - 1)  # mm from the first slice to the last
+    slight = series("slight", axial, lambda z: [0.0, 0.4 * z / depth, z])  # 0.4 mm over the series: read
+    assert ct_io.read_case("dicom", slight)[0].shape == phantom(0)[0].shape
+    c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))  # rows along x, columns 20 degrees out of y
+    oblique = series(
+        "oblique", [1.0, 0.0, 0.0, 0.0, c, s], lambda z: [0.0, -s * z, c * z]
+    )  # along the normal
+    hu, affine = ct_io.read_case("dicom", oblique)
+    normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
+    assert np.allclose(normal, [0.0, s, c], atol=1e-3)  # in RAS: y flipped from LPS
+    assert np.isclose(np.linalg.norm(affine[:3, 2]), 3.0, atol=0.01)
