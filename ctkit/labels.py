@@ -197,8 +197,8 @@ def custom_label(value, number, column, path):
 
 
 def custom_tables(path, prep_dir, split_file, seed=0, val_fraction=0.0, test_fraction=None):
-    """A labels CSV (--dataset custom): {split: (case ids, labels, patients)}. Rows are numbered as a
-    spreadsheet shows them (the header is row 1). Without a split column the patients are split at random
+    """A labels CSV (--dataset custom): {split: (case ids, labels, patients)}. Rows are numbered as
+    utils.read_table does (the header is row 1). Without a split column the patients are split at random
     (test_fraction, default 0.2; val_fraction) and the split is kept in split_file."""
     classes, rows = custom_classes(path), read_csv(path, [])
     cases, seen, values, patients, given = [], {}, [], [], []

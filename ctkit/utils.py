@@ -92,9 +92,10 @@ def read_csv(path, columns):
 
 
 def read_table(path, columns):
-    """(header, rows as dicts) of a CSV (rows numbered as a spreadsheet shows them: the header is row 1); one
-    clear error naming the file, and the row or column, if the file or a required column is missing, a column
-    name appears twice, a row has more or fewer fields than the header, or the text is not UTF-8."""
+    """(header, rows as dicts) of a CSV; one clear error naming the file, and the row or column, if the file
+    or a required column is missing, a column name appears twice, a row has more or fewer fields than the
+    header, or the text is not UTF-8. Rows are numbered from the header as row 1, blank lines not counted
+    (no row): the callers' messages number rows[i] as i + 2."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file not found")
     try:
@@ -108,13 +109,12 @@ def read_table(path, columns):
             if missing:
                 raise BadInput(f"{path}: missing column(s) {missing}")
             rows = []
-            for values in reader:
-                if values and len(values) != len(header):  # (a blank line is no row)
+            for values in filter(None, reader):  # a blank line is no row
+                if len(values) != len(header):
                     raise BadInput(
-                        f"{path} row {reader.line_num}: {len(values)} fields, the header has {len(header)}"
+                        f"{path} row {len(rows) + 2}: {len(values)} fields, the header has {len(header)}"
                     )
-                if values:
-                    rows.append(dict(zip(header, values)))
+                rows.append(dict(zip(header, values)))
             return header, rows
     except UnicodeDecodeError as error:
         raise BadInput(f"{path}: not UTF-8 text (byte {error.start}); save it as UTF-8") from None

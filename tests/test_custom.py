@@ -124,6 +124,7 @@ def test_resume_keeps_the_split_and_a_changed_structure_set_is_refused(export, t
         (lambda rows: [r.__delitem__(slice(2, None)) for r in rows], r"labels.csv: no finding columns"),
         (lambda rows: rows[0].__setitem__(3, "pneumothorax"), r"labels.csv: column\(s\) \['pneumothorax'\]"),
         (lambda rows: rows[4].append("1"), r"labels.csv row 5: 5 fields, the header has 4"),
+        (lambda rows: rows.insert(2, []) or rows[5].append("1"), r"labels.csv row 5: 5 fields"),  # blank line
         (
             lambda rows: [r.append(s) for r, s in zip(rows, ["split", "train", "test", *["train"] * 20])]
             + [rows[2].__setitem__(1, rows[1][1])],
@@ -131,7 +132,7 @@ def test_resume_keeps_the_split_and_a_changed_structure_set_is_refused(export, t
         ),
     ],
     ids=["blank", "not-0-1", "no-such-path", "duplicate", "no-findings", "column-twice", "extra-field",
-         "patient-in-two-splits"],
+         "extra-field-after-a-blank-line", "patient-in-two-splits"],
 )  # fmt: skip
 def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, message):
     rows = list(csv.reader(open(export / "labels.csv")))
