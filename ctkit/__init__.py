@@ -2,6 +2,7 @@
 
 regions          the paper's two regions (Table 3): structures, HU window, pad and crop
 ct_io            reading CTs as each dataset stores them, resampling to RAS 1.5 x 1.5 x 3 mm, writing NIfTI
+structures       `--structures SPEC` -> the run's seg classes and the stored labels each holds
 prep             the prepared folder make_masks.py writes and training reads: layout, mask stamp, checks
 mask_qc          quality control of the masks (qc/<case>.json, masks_summary.csv, previews)
 totalseg         TotalSegmentator's fast 'total' model, loaded once per process

@@ -109,14 +109,14 @@ def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0, s
     (RATIC's, kept beside the volumes, is shared by every run whatever its seed)."""
     drawn = {"seed": str(seed), "test_fraction": f"{test_fraction:g}", "val_fraction": f"{val_fraction:g}"}
     if os.path.exists(split_file):
-        rows = read_csv(split_file, ["patient_id", "split"])
+        rows = read_csv(split_file, ["patient_id", "split", *drawn])
         split_of = {r["patient_id"]: r["split"] for r in rows}
         if set(split_of) != set(patients):
             raise BadInput(
                 f"{split_file}: its patients differ from the label file's; delete it to draw a new split"
             )
-        other = [f"{k} {rows[0][k]}" for k in drawn if rows and k in rows[0] and rows[0][k] != drawn[k]]
-        if other and same_settings:  # files of older versions lack these columns
+        other = [f"{k} {rows[0][k]}" for k in drawn if rows and rows[0][k] != drawn[k]]
+        if other and same_settings:
             asked = ", ".join(f"{k} {drawn[k]}" for k in drawn)
             raise BadInput(f"{split_file}: drawn with {', '.join(other)}, this run asks for {asked}; delete "
                            "it or use another --output-dir")  # fmt: skip

@@ -107,7 +107,7 @@ def mask_report(prep_dir, case_ids):
     """One line on the masks' quality control (make_masks.py's masks_summary.csv) for these cases."""
     path = os.path.join(prep_dir, SUMMARY)
     if not os.path.exists(path):
-        return f"masks: no {path} (made by an older make_masks.py?), not checked"
+        return f"masks: no {path} (make_masks.py writes it when it ends), not checked"
     rows = {r["case_id"]: r for r in utils.read_csv(path, ["case_id", "missing", "tiny", "edge"])}
     known = [rows[c] for c in case_ids if c in rows]
     missing = [r for r in known if r["missing"]]

@@ -27,10 +27,6 @@ from ctkit.utils import BadInput
 CT, MASK, QC = "ct", "mask", "qc"  # the sub-folders
 SCHEME = "labels.json"
 TOTALSEG = "totalseg_total"  # TotalSegmentator's 'total' task: its class_map["total"]
-OLD_PREP = (
-    "made by an older make_masks.py, which merged each region's structures into the mask; rerun "
-    "make_masks.py into a new --dst (with --from-totalseg if you kept TotalSegmentator's outputs)"
-)
 
 
 def case_path(prep_dir, sub, case):
@@ -105,7 +101,10 @@ def read_scheme(prep_dir):
     """(name, {id: name}, stamp) of a prepared folder's masks."""
     path = os.path.join(prep_dir, SCHEME)
     if not os.path.exists(path):
-        raise BadInput(f"{path} is missing: {prep_dir} was {OLD_PREP}")
+        raise BadInput(
+            f"{path} is missing: {prep_dir} is not a folder of this make_masks.py; rerun it "
+            "into a new --dst (with --from-totalseg if you kept TotalSegmentator's outputs)"
+        )
     saved = utils.read_json(path)
     table = {int(i): n for i, n in saved["labels"].items()}
     return saved["scheme"], table, mask_stamp(saved["scheme"], table)
@@ -120,14 +119,11 @@ def write_case(prep_dir, case, ct, affine, mask, stamp, qc_record):
 
 
 def is_done(prep_dir, case, stamp):
-    """CT, QC record and mask exist, are complete, share one grid and the mask has this scheme's stamp. A mask
-    made by an older make_masks.py (a region stamp) is refused: that folder needs a new --dst."""
+    """CT, QC record and mask exist, are complete, share one grid and the mask has this scheme's stamp."""
     try:
         ct, mask = (nifti_layout(case_path(prep_dir, sub, case)) for sub in (CT, MASK))
     except (OSError, ValueError):
         return False
-    if mask["description"].startswith("make_masks region="):
-        raise BadInput(f"{case_path(prep_dir, MASK, case)}: {mask['description']!r}, {OLD_PREP}")
     same_grid = ct["shape"] == mask["shape"] and np.allclose(ct["affine"], mask["affine"], atol=1e-4)
     return same_grid and mask["description"] == stamp and os.path.exists(case_path(prep_dir, QC, case))
 
@@ -180,8 +176,6 @@ def check_layouts(paths, layouts, stamp=None):
         raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
                        "(shape or affine)")  # fmt: skip
     if stamp is not None and mask["description"] != stamp:
-        if mask["description"].startswith("make_masks region="):
-            raise BadInput(f"{mask_path}: {mask['description']!r}, {OLD_PREP}")
         found = mask["description"] or "no scheme stamp"
         raise BadInput(f"{mask_path}: {found!r}, but the folder's {SCHEME} says {stamp!r}: a mask of "
                        "another scheme (copied from another folder?); rerun make_masks.py on it")  # fmt: skip

@@ -242,11 +242,6 @@ def synthetic_split(split, n, seed=0, pad=None, variant="default"):
     return cases, volumes, np.stack(labels)
 
 
-def synthetic_findings(split, n, seed=0, pad=None):
-    """The findings maps of synthetic_split's phantoms (the same phantoms, made again): [uint8 (D, H, W)]."""
-    return [findings for *_, findings in phantoms(split, n, seed, pad)]
-
-
 def write_synthetic(out_dir, sizes=None, pad=None, variant="default"):
     """Phantoms (for a pad box; default the synthetic task's; of a variant) as a real dataset would come:
     <out>/ct/<case>.nii.gz (HU, RAS, 1.5 x 1.5 x 3 mm), <out>/totalseg/<case>.nii.gz (TotalSegmentator

@@ -132,13 +132,13 @@ def write_csv(path, header, rows):
 
 def read_log(path, fields):
     """Rows (dicts of str) of a log written by CSVLog; a torn last line (kill -9 while appending) is dropped.
-    Logs from before the header was introduced are refused: they would be read by position."""
+    A file with another header is not this log: refused (its rows would be read under the wrong names)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames is not None and reader.fieldnames != list(fields):
             raise BadInput(
-                f"{path}: header {reader.fieldnames[:3]}... is not {list(fields)[:3]}... (a log from an "
-                "older version, without a header?); move it away or start a new --output-dir"
+                f"{path}: header {reader.fieldnames[:3]}... is not {list(fields)[:3]}... (not this log); "
+                "move it away or start a new --output-dir"
             )
         return [row for row in reader if None not in row.values() and all(row.values())]
 
@@ -235,14 +235,9 @@ def init_distributed(device):
     return rank, world_size, device
 
 
-def unwrap(model):
-    """The model inside DistributedDataParallel (what is saved, evaluated and loaded)."""
-    return model.module if hasattr(model, "module") else model
-
-
 def cpu_state(model):
     """A copy of the model's weights on the CPU (the best epoch's, kept in memory)."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in unwrap(model).state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def device_ids(device):
@@ -339,9 +334,8 @@ def check_resumable(checkpoint, current, path):
     """A run resumes only with the settings it was trained with (else its steps and crops would not line up);
     `current`: {setting: value now}, compared with the checkpoint's args, world size and task."""
     saved = {**checkpoint["args"], "world_size": checkpoint["world_size"], "task": checkpoint["task"]}
-    plain = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731  (older checkpoints hold lists)
     for key, value in current.items():
-        if plain(saved.get(key)) != plain(value):
+        if saved.get(key) != value:
             raise ValueError(f"{path}: trained with {key}={saved.get(key)!r}, now {value!r}")
 
 

@@ -360,10 +360,10 @@ def test_an_output_folder_that_cannot_be_written_ends_in_one_line(tmp_path):
         train_cli(*SMALL, "--output-dir", locked / "run")
 
 
-def test_a_log_without_header_ends_in_one_line(tmp_path, seg_run):
+def test_a_log_without_its_header_ends_in_one_line(tmp_path, seg_run):
     run = copy_of(seg_run, tmp_path / "run")
     rows = (run / "iterations.csv").read_text().splitlines()
-    (run / "iterations.csv").write_text("\n".join(rows[1:]) + "\n")  # as an older version wrote it
+    (run / "iterations.csv").write_text("\n".join(rows[1:]) + "\n")  # its first line lost
     command = [sys.executable, "train.py", *SEG_RUN, "--output-dir", str(run), "--resume"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr

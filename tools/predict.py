@@ -32,14 +32,13 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 from ctkit import ct_io, evidence, utils  # noqa: E402
 from ctkit.labels import ABBREVIATIONS  # noqa: E402
-from model import build_model, probabilities  # noqa: E402
 
 
 def load_model(checkpoint_path):
     """(model in eval mode, its data.Task, the training args) of a checkpoint, loaded weights_only=True."""
     state = utils.load_checkpoint(checkpoint_path)
     task, args = data.Task.from_dict(state["task"]), state["args"]
-    model = build_model(args["model"], task, args["seg"])
+    model = M.build_model(args["model"], task, args["seg"])
     model.load_state_dict(state["model"])
     return model.eval(), task, args
 
@@ -87,7 +86,7 @@ def predict(ct_path, checkpoint_path, explain=None, features=None):
     x = data.normalize(torch.from_numpy(crop)[None, None], task.window)  # (1, 1, D, H, W)
     with torch.no_grad():
         logits = model(x)
-    probs = probabilities(logits, task)[0].tolist()
+    probs = M.probabilities(logits, task)[0].tolist()
     thresholds, source = run_thresholds(os.path.dirname(checkpoint_path))
     print(
         f"{ct_path}: {args['model']} {'w/' if args['seg'] else 'w/o'} seg, thresholds from {source or 'none'}"

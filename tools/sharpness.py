@@ -102,8 +102,10 @@ def fixed_batches(config, cases, batch_size, run_folder="."):
         dataset = data.CTDataset(ids, volumes, labels, task.pad, task.crop, train=False)
     else:  # the run's own cases; the crops only: no masks are needed
         source = data.Source.of_run(config, run_folder)
-        dataset = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
-        dataset.train = False  # centre crops, no random offsets
+        train = data.build_datasets(task, source, config["seed"], with_mask=False)["train"]
+        dataset = data.CTDataset(
+            train.case_ids, train.volumes, train.labels, task.pad, task.crop, train=False
+        )
     samples = [dataset[i] for i in range(min(cases, len(dataset)))]
     batches = []
     for start in range(0, len(samples), batch_size):
