@@ -2,7 +2,6 @@
 the real example CT is."""
 
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -33,19 +32,7 @@ def prepared_synthetic(root, train=4, val=2, test=2):
     return root
 
 
-def example_folder():
-    """TotalSegmentator's example CT and reference outputs: $TOTALSEG_EXAMPLE, else shared/data/... beside
-    this checkout, else beside the checkout it was cloned from (a fresh `git clone . /tmp/x`, as CI does)."""
-    if os.environ.get("TOTALSEG_EXAMPLE"):
-        return Path(os.environ["TOTALSEG_EXAMPLE"])
-    root, tail = Path(__file__).resolve().parents[1], Path("shared", "data", "totalsegmentator_example")
-    origin = subprocess.run(["git", "-C", str(root), "config", "--get", "remote.origin.url"],
-                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    candidates = [root.parent / tail] + ([Path(origin).resolve().parent / tail] if origin else [])
-    return next((path for path in candidates if path.exists()), candidates[0])
-
-
-EXAMPLE = example_folder()
+EXAMPLE = Path(os.environ["TOTALSEG_EXAMPLE"])  # found by conftest.py
 
 
 def phantom(i, split="train"):
