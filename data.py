@@ -15,6 +15,7 @@ import dataclasses
 import os
 import warnings
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -65,8 +66,8 @@ def region_of(dataset, region=None):
 def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=None):
     """The Task of a dataset. A --crop other than the paper's scales the pad box with it (the paper's pad/crop
     ratio per axis), so that a random crop still mostly covers the patient; --pad sets it explicitly.
-    classes: a custom dataset's findings; anatomy: (scheme stamp, structures, their stored ids) of the run
-    (`anatomy`), default the region's paper structures in the phantoms' scheme."""
+    classes: a custom dataset's findings; anatomy: the run's Anatomy, default the region's paper structures
+    (in the phantoms' scheme for phantoms, else by name)."""
     region = region_of(dataset, region)
     geometry = {k: v for k, v in REGIONS[region].items() if k != "structures"}
     if dataset == "synthetic":
@@ -78,50 +79,54 @@ def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=N
         if any(p < c for p, c in zip(pad, geometry["crop"])):
             raise BadInput(f"--pad {tuple(pad)} is smaller than the crop {geometry['crop']}")
         geometry.update(pad=tuple(pad))
-    if anatomy is None:  # the paper's structures: in the phantoms' scheme, or by name only (nothing read)
-        in_memory = dataset == "synthetic"
-        anatomy = ("", *structures.parse("paper", synthetic.SCHEME, region)) if in_memory else by_name(region)
-    scheme, names, ids = anatomy
+    if anatomy is None:
+        anatomy = phantom_anatomy("paper", region) if dataset == "synthetic" else paper_by_name(region)
     kind = "ratic" if dataset == "ratic" else "multilabel"
     classes = tuple(classes or labels.CLASSES[dataset])
-    return Task(dataset, kind, region, classes, names, **geometry, structure_ids=ids, scheme=scheme)
+    return Task(dataset, kind, region, classes, anatomy.names, **geometry, structure_ids=anatomy.ids,
+                scheme=anatomy.stamp)  # fmt: skip
 
 
-def by_name(region):
-    """The anatomy of a task that never reads masks: the paper's structures by name, no stored labels."""
-    return "", REGIONS[region]["structures"], ()
+class Anatomy(NamedTuple):
+    """--structures resolved on a label scheme (ctkit/structures.py): the seg classes' names, the stored ids
+    each holds, the scheme's stamp ("" without stored masks) and the lookup table stored label -> seg class
+    (None where the stored labels are the classes already)."""
+
+    names: tuple
+    ids: tuple
+    stamp: str = ""
+    lut: np.ndarray | None = None
+
+
+def paper_by_name(region):
+    """The paper's structures of the region by name only, for a task that never reads masks."""
+    return Anatomy(REGIONS[region]["structures"], ())
+
+
+def phantom_anatomy(spec, region):
+    names, ids = structures.parse(spec, synthetic.SCHEME, region)
+    lut = structures.lookup_table(ids, synthetic.SCHEME)
+    return Anatomy(names, ids, "", None if np.array_equal(lut[:7], np.arange(7)) else lut)
 
 
 def anatomy(spec, source, region, with_mask=True):
-    """(scheme stamp, structures, stored ids) of --structures SPEC on the source's stored masks (its prepared
-    folder's labels.json), or on the phantoms' scheme for phantoms made in memory. A run without masks on a
-    folder without labels.json gets the paper's structures (the task records them; nothing reads them)."""
+    """The Anatomy of --structures SPEC on the source's stored masks, reading its prepared folder's
+    labels.json once (the phantoms' scheme for phantoms made in memory). A run without masks whose folder
+    has no labels.json, or a scheme without the spec's structures, gets the paper's structures by name (the
+    task records them; nothing reads them)."""
     if source.dataset == "synthetic" and not source.data_path:
-        return ("", *structures.parse(spec, synthetic.SCHEME, region))
+        return phantom_anatomy(spec, region)
     prep.check_prep_dir(source.prep_dir, source.data_path)
     if not with_mask and not os.path.exists(os.path.join(source.prep_dir, prep.SCHEME)):
-        return by_name(region)
-    name, table, stamp = prep.read_scheme(source.prep_dir)
+        return paper_by_name(region)
+    _, table, stamp = prep.read_scheme(source.prep_dir)
     try:
-        return (stamp, *structures.parse(spec, table, region))
+        names, ids = structures.parse(spec, table, region)
     except BadInput:
         if with_mask:
             raise
-        return by_name(region)  # a run without masks: its structures are never read
-
-
-def stored_lut(task, source):
-    """The lookup table from the stored labels to the task's seg classes; None for phantoms made in memory
-    with the paper's structures (their labels are the classes already)."""
-    if not task.scheme:
-        lut = structures.lookup_table(task.structure_ids, synthetic.SCHEME)
-        return None if np.array_equal(lut[:7], np.arange(7)) else lut
-    name, table, stamp = prep.read_scheme(source.prep_dir)
-    if stamp != task.scheme:
-        raise BadInput(
-            f"{source.prep_dir}: its masks are of scheme {name!r} ({stamp}), the run's {task.scheme}"
-        )
-    return structures.lookup_table(task.structure_ids, table)
+        return paper_by_name(region)
+    return Anatomy(names, ids, stamp, structures.lookup_table(ids, table))
 
 
 def normalize(ct, window):
@@ -230,6 +235,7 @@ class CTDataset(torch.utils.data.Dataset):
         self.groups = list(groups) if groups is not None else self.case_ids  # patients
         self.pad_size, self.crop_size, self.train, self.seed = pad_size, crop_size, train, seed
         self.with_mask, self.lut = with_mask, lut  # lut: stored label -> seg class (None: the same)
+        self.device_luts = {}  # the lut on each device seg_classes has met
 
     def __len__(self):
         return len(self.case_ids)
@@ -244,21 +250,25 @@ class CTDataset(torch.utils.data.Dataset):
             warnings.simplefilter("ignore", UserWarning)
             sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None]}
             if self.with_mask:
-                window = read_window(mask, starts, self.crop_size, 0)
-                sample["mask"] = torch.from_numpy(window if self.lut is None else self.lut[window])
+                sample["mask"] = torch.from_numpy(read_window(mask, starts, self.crop_size, 0))  # as stored
         sample.update(label=torch.from_numpy(self.labels[index]), index=index)
         return sample
 
-    def collate(self, samples):
-        """Stack the samples (the one copy of each window); check the mask labels on the contiguous batch."""
-        batch = torch.utils.data.default_collate(samples)
-        if self.with_mask and self.lut is not None and batch["mask"].max() == structures.UNKNOWN:
-            index = int(
-                batch["index"][(batch["mask"] == structures.UNKNOWN).flatten(1).any(1).int().argmax()]
-            )
+    def seg_classes(self, masks, indices):
+        """The run's seg classes of a batch of stored masks (B, D, H, W) uint8, looked up where the batch is
+        (on the device, off the loaders' per-sample path); a stored label outside the folder's scheme ends
+        in one error naming the case's mask file."""
+        if masks is None or self.lut is None:
+            return masks
+        if masks.device not in self.device_luts:
+            self.device_luts[masks.device] = torch.from_numpy(self.lut).to(masks.device)
+        classes = self.device_luts[masks.device][masks.long()]  # (B, D, H, W) uint8
+        unknown = (classes == structures.UNKNOWN).flatten(1).any(1)
+        if unknown.any():
+            index = int(indices[int(unknown.int().argmax())])
             where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
             raise BadInput(f"{where}: a mask label that is not in the folder's label scheme ({prep.SCHEME})")
-        return batch
+        return classes
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -320,13 +330,12 @@ def label_tables(source):
     return tables
 
 
-def build_datasets(task, source, seed, with_mask):
-    """{split: CTDataset} of the task's dataset; with_mask: the samples carry the masks (--seg), mapped from
-    the stored labels to the task's seg classes.
+def build_datasets(task, source, seed, with_mask, lut=None):
+    """{split: CTDataset} of the task's dataset; with_mask: the samples carry the stored masks (--seg), which
+    CTDataset.seg_classes maps to the task's seg classes by `lut` (the run's Anatomy.lut).
 
     The cases are the same with and without masks: with --skip-missing a case is kept when it has its CT and,
     if the prepared folder has a mask/ folder, its mask, whether or not this run reads masks."""
-    lut = stored_lut(task, source) if with_mask else None
 
     def make(cases, volumes, y, split, groups=None):
         options = dict(with_mask=with_mask, lut=lut, groups=groups)
@@ -370,7 +379,6 @@ def make_loader(dataset, train, batch_size, workers=0, seed=0, pin_memory=False)
         batch_size,
         sampler=sampler,
         drop_last=train,
-        collate_fn=dataset.collate,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=pin_memory,
@@ -385,5 +393,5 @@ def centre_masks(dataset, limit=None):
     for i in picks:
         mask = dataset.volumes[i][1]
         starts = window_start(mask.shape, dataset.pad_size, dataset.crop_size)
-        window = np.asarray(read_window(mask, starts, dataset.crop_size, 0))
-        yield window if dataset.lut is None else dataset.lut[window]  # the seg classes, as the samples
+        window = torch.from_numpy(np.ascontiguousarray(read_window(mask, starts, dataset.crop_size, 0)))
+        yield dataset.seg_classes(window[None], [i])[0].numpy()  # the seg classes, as in training

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
-from ctkit import compare, evidence, precision, utils
+from ctkit import compare, evidence, precision, prep, utils
 from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
 from ctkit.learning_report import (
     MAX_TRAIN_MASKS,
@@ -137,7 +137,8 @@ def seg_split(model, loader, task, amp=False):
     def fn(ct, batch):
         seg_logits = model.seg_head(model.backbone(ct)).float()  # (B, S, d, h, w)
         rows = []
-        for logits, target in zip(seg_logits, batch["mask"].to(ct.device).long()):  # one full map at a time
+        targets = loader.dataset.seg_classes(batch["mask"].to(ct.device), batch["index"]).long()
+        for logits, target in zip(seg_logits, targets):  # one full map at a time
             full = F.interpolate(logits[None], size=target.shape, mode="trilinear")  # (1, S, D, H, W)
             ce = F.cross_entropy(full, target[None], reduction="sum").double()
             counts = dice_counts(full.argmax(1), target[None], n + 1)[0]
@@ -156,8 +157,9 @@ def evidence_split(model, loader, task, amp=False):
 
     def fn(ct, batch):
         maps = evidence.evidence_maps(model, ct)  # (B, K, d, h, w)
+        masks = loader.dataset.seg_classes(batch["mask"], batch["index"])
         rows = [evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
-                for m, mask in zip(maps, batch["mask"])]  # fmt: skip
+                for m, mask in zip(maps, masks)]  # fmt: skip
         return torch.from_numpy(np.stack(rows)).flatten(1)
 
     empty = torch.zeros(0, outputs * (n + 1), dtype=torch.float64)
@@ -205,7 +207,10 @@ def run_evidence(folder):
     model = build_model(config["model"], task, config["seg"])
     model.load_state_dict(state["model"])
     source = data.Source.of_run(config, folder)
-    test = data.build_datasets(task, source, config["seed"], with_mask=True)["test"]
+    anatomy = data.anatomy(config["structures"], source, task.region)
+    if (anatomy.names, anatomy.ids, anatomy.stamp) != (task.structures, task.structure_ids, task.scheme):
+        raise BadInput(f"{source.prep_dir}: its {prep.SCHEME} is not the label scheme the run was trained on")
+    test = data.build_datasets(task, source, config["seed"], True, anatomy.lut)["test"]
     loader = data.make_loader(test, False, batch_size=4)
     table = evidence_by_anatomy(evidence_split(model.eval(), loader, task), test.labels, task)
     utils.write_json(os.path.join(folder, "evidence_by_anatomy_test.json"), table)

@@ -216,7 +216,7 @@ def test_fixed_batch_overfits():
     torch.manual_seed(0)
     cases, volumes, labels = synthetic.synthetic_split("train", 4)
     ds = data.CTDataset(cases, volumes, labels, (40, 60, 60), (16, 32, 32), train=False, with_mask=True)
-    batch = ds.collate([ds[i] for i in range(4)])
+    batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     net = CTClassifier("r3d", labels.shape[1], (16, 32, 32), seg_classes=7).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
     x = data.normalize(batch["ct"], (-1000, 200))

@@ -220,6 +220,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True) if s.seg else None  # the only difference of --seg
+        mask = loader.dataset.seg_classes(mask, batch["index"])  # stored labels -> the run's seg classes
         with torch.autocast(device.type, precision.amp_dtype(device), enabled=s.amp):
             loss, cls_loss, seg_loss = objective(ct, labels, mask)  # L = L_cls + seg_weight * L_seg
         scaler.scale(loss).backward()
@@ -361,7 +362,7 @@ def prepare_run(s, notes, region, device):
         classes = labels.custom_classes(s.labels) if s.dataset == "custom" else None
         anatomy = data.anatomy(s.structures, s.source(), region, with_mask=s.seg)
         task = data.make_task(s.dataset, s.crop, s.pad, region, classes, anatomy)
-        splits = data.build_datasets(task, s.source(), s.seed, with_mask=s.seg)
+        splits = data.build_datasets(task, s.source(), s.seed, s.seg, anatomy.lut)
     except (OSError, BadInput) as error:
         raise BadInput(f"cannot build the {s.dataset} dataset: {error}") from None
     if utils.get_rank() == 0:

@@ -29,6 +29,8 @@ from ctkit import ct_io, precision, structures  # noqa: E402
 from ctkit.regions import REGIONS  # noqa: E402
 from model import ARCHS, Objective, build_model  # noqa: E402
 
+LUT = structures.lookup_table([(i,) for i in range(1, 7)], {i: str(i) for i in range(1, 118)})  # 6 of 117
+
 
 def timed(fn):
     start = time.perf_counter()
@@ -95,7 +97,8 @@ class SlabVolumes:
 def bench_data_path(repeats, n_cases=8):
     """Per training sample: our window read (CT + mask, np.memmap of the stored files, maps kept open),
     the same with every map opened anew (a dataset much larger than the open-map cache), the previous slab
-    reader, copying the same windows out of volumes held in RAM, a contiguous memcpy of as many bytes, and
+    reader, copying the same windows out of volumes held in RAM, a contiguous memcpy of as many bytes, a run
+    with a --structures lookup table (applied to the batch, not the sample) and that lookup on the CPU, and
     CT-CLIP's path. Every side cycles through `n_cases` different volumes."""
     region = REGIONS["chest"]
     pad, crop = region["pad"], region["crop"]
@@ -107,16 +110,20 @@ def bench_data_path(repeats, n_cases=8):
         labels = np.zeros((n_cases, 18))
         dataset = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True)
         slab = data.CTDataset(cases, SlabVolumes(volumes), labels, pad, crop, train=True, with_mask=True)
-        lut = structures.lookup_table([(i,) for i in range(1, 7)], {i: str(i) for i in range(1, 118)})
-        looked_up = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True, lut=lut)
+        looked_up = data.CTDataset(cases, volumes, labels, pad, crop, train=True, with_mask=True, lut=LUT)
         in_ram = [tuple(np.array(v) for v in volumes[i]) for i in range(n_cases)]
         size = int(np.prod(crop))
         flat = [(np.ones(size, np.int16), np.ones(size, np.uint8)) for _ in range(n_cases)]
         keys = iter(range(10**6))
 
-        def ours(ds=dataset):  # per training sample, what a DataLoader worker does
-            batch = ds.collate([ds[next(keys)]])
+        def ours(ds=dataset):  # per training sample, what a DataLoader worker does (collation: the one copy)
+            batch = torch.utils.data.default_collate([ds[next(keys)]])
             assert batch["ct"].shape == (1, 1, *crop) and batch["mask"].shape == (1, *crop)
+            return batch
+
+        def cpu_lookup():  # the lookup where the batch is, here the CPU (train.py: the batch's device)
+            batch = ours(looked_up)
+            looked_up.seg_classes(batch["mask"], batch["index"])
 
         def reopened():
             volumes.maps.clear()
@@ -139,27 +146,40 @@ def bench_data_path(repeats, n_cases=8):
             window = tuple(slice(s, s + c) for s, c in zip(starts, crop[::-1]))
             np.ascontiguousarray(volume[window], np.float32)
 
-        sides = [ours, reopened, lambda: ours(slab), window_copy, memcpy, lambda: ours(looked_up)]
-        t_ours, t_reopened, t_slab, t_copy, t_memcpy, t_lut = interleaved(sides, repeats, warmup=n_cases)
-        (t_naive,) = interleaved([naive], max(3, repeats // 10), warmup=1)
+        sides = [ours, reopened, lambda: ours(slab), window_copy, memcpy, lambda: ours(looked_up), cpu_lookup]
+        times = interleaved(sides, repeats, warmup=n_cases) + interleaved([naive], max(3, repeats // 10), 1)
     mb = int(np.prod(crop)) * 3 / 1e6
     print(
         f"data path, {crop} windows of {n_cases} different {pad} int16 volumes + uint8 masks ({mb:.1f} MB):"
     )
-    lines = [("ours: np.memmap of the stored CT and mask, kept open", t_ours, None),
-             ("ours, every map opened anew", t_reopened, "reopened / ours"),
-             ("previous reader: slices mapped per window (MAP_POPULATE)", t_slab, "previous / ours"),
-             ("copy of the same windows out of volumes in RAM", t_copy, "ours / copy"),
-             ("contiguous memcpy of as many bytes", t_memcpy, "ours / memcpy"),
-             ("ours + the --structures lookup table on the mask", t_lut, "lookup / ours")]  # fmt: skip
-    for text, t, ratio_name in lines:
-        ratio = t_ours / t if ratio_name and ratio_name.startswith("ours ") else t / t_ours
-        print(f"  {text:<58}{1e3 * t:7.2f} ms" + (f"   {ratio_name} = {ratio:.2f}" if ratio_name else ""))
-    print(f"  {'naive: nib.load(.nii.gz).get_fdata(), crop, float':<58}{1e3 * t_naive:7.2f} ms   "
-          f"naive / ours = {t_naive / t_ours:.0f}")  # fmt: skip
-    return {"ours_over_copy": t_ours / t_copy, "ours_over_memcpy": t_ours / t_memcpy,
-            "previous_over_ours": t_slab / t_ours, "reopened_over_ours": t_reopened / t_ours,
-            "naive_over_ours": t_naive / t_ours, "lookup_over_ours": t_lut / t_ours}  # fmt: skip
+    return data_path_ratios(times)
+
+
+DATA_PATH_SIDES = (  # (what, ratio name, ratio key): each side of bench_data_path, in its order
+    ("ours: np.memmap of the stored CT and mask, kept open", None, None),
+    ("ours, every map opened anew", "reopened / ours", "reopened_over_ours"),
+    ("previous reader: slices mapped per window (MAP_POPULATE)", "previous / ours", "previous_over_ours"),
+    ("copy of the same windows out of volumes in RAM", "ours / copy", "ours_over_copy"),
+    ("contiguous memcpy of as many bytes", "ours / memcpy", "ours_over_memcpy"),
+    ("ours, a run with a --structures lookup table", "lookup / ours", "lookup_over_ours"),
+    (
+        "  + that lookup on the CPU (train.py: on the batch's device)",
+        "cpu lookup / ours",
+        "cpu_lookup_over_ours",
+    ),
+    ("naive: nib.load(.nii.gz).get_fdata(), crop, float", "naive / ours", "naive_over_ours"),
+)
+
+
+def data_path_ratios(times):
+    """Print each side's median seconds and its ratio to ours (ours / it where the name says so); return
+    {ratio key: ratio}."""
+    ratios = {}
+    for (text, name, key), t in zip(DATA_PATH_SIDES, times):
+        if key:
+            ratios[key] = times[0] / t if name.startswith("ours ") else t / times[0]
+        print(f"  {text:<62}{1e3 * t:7.2f} ms" + (f"   {name} = {ratios[key]:.2f}" if key else ""))
+    return ratios
 
 
 def train_step(objective, optimizer, x, labels, mask):
@@ -278,7 +298,7 @@ def bench_data_wait(device, steps, workers, tiny=False, amp=True):
             for sub in ("ct", "mask"):
                 os.link(os.path.join(folder, sub, "case.nii"), os.path.join(folder, sub, f"{case}.nii"))
         volumes = data.StoredVolumes(folder, cases, ("ct", "mask"), read_mask=True)
-        dataset = data.CTDataset(cases, volumes, np.zeros((8, 18)), pad, crop, train=True, with_mask=True)
+        dataset = data.CTDataset(cases, volumes, np.zeros((8, 18)), pad, crop, True, with_mask=True, lut=LUT)
         sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (steps + 2))
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -297,6 +317,7 @@ def bench_data_wait(device, steps, workers, tiny=False, amp=True):
             ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
             with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
                 labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
+                mask = dataset.seg_classes(mask, sample["index"])  # --structures' lookup, on the device
                 train_step(objective, optimizer, ct, labels, mask)
             if device == "cuda":
                 torch.cuda.synchronize()

@@ -247,6 +247,31 @@ def test_structure_specs_parse_with_spaces_and_refuse_reuse():
         structures.parse("liver,a=liver+spleen", table, "abdomen")
 
 
+def test_the_lookup_on_the_batch_is_the_table_applied_to_each_stored_window():
+    """Samples carry the stored labels; CTDataset.seg_classes maps a batch where it is (train.py: on the
+    device) exactly as the numpy table maps each window, and names the case of a label outside the scheme."""
+    import data
+    from ctkit import structures
+
+    table = {1: "liver", 2: "spleen", 7: "colon", 9: "small_bowel"}
+    names, ids = structures.parse("liver,bowel=colon+small_bowel", table, "abdomen")
+    lut = structures.lookup_table(ids, table)
+    rng = np.random.default_rng(0)
+    masks = [rng.choice([0, 1, 2, 7, 9], (6, 8, 8)).astype(np.uint8) for _ in range(3)]
+    volumes = [(np.zeros(m.shape, np.int16), m) for m in masks]
+    dataset = data.CTDataset(
+        "abc", volumes, np.zeros((3, 1)), (6, 8, 8), (4, 6, 6), True, with_mask=True, lut=lut
+    )
+    batch = torch.utils.data.default_collate([dataset[k] for k in range(3)])
+    assert set(np.unique(batch["mask"])) <= {0, 1, 2, 7, 9}  # as stored
+    classes = dataset.seg_classes(batch["mask"], batch["index"])
+    assert classes.dtype == torch.uint8 and torch.equal(classes, torch.from_numpy(lut[batch["mask"].numpy()]))
+    masks[1][:] = 3  # a label the scheme does not have
+    batch = torch.utils.data.default_collate([dataset[k] for k in range(3)])
+    with pytest.raises(labels.BadInput, match="^b: a mask label that is not in the folder's label scheme"):
+        dataset.seg_classes(batch["mask"], batch["index"])
+
+
 def test_a_long_scheme_name_keeps_the_stamp_within_the_nifti_description():
     stamp = prep.mask_stamp("ratic_segmentations_liver_spleen_kidneys_bowel_v2", {1: "liver"})
     assert len(stamp) <= 79 and stamp != prep.mask_stamp(

@@ -89,7 +89,7 @@ def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     task = data.Task(
         "synthetic", "multilabel", "chest", ("x",), STRUCTURES, (-1000, 200), (4, 6, 6), (4, 6, 6)
     )
-    loader = torch.utils.data.DataLoader(test_set, 2, collate_fn=test_set.collate)
+    loader = torch.utils.data.DataLoader(test_set, 2)
     ce, dice_counts = evaluate.seg_split(head, loader, task)
     floors, test_masks = lr.floors(data.centre_masks(train_set), grid, 3), list(data.centre_masks(test_set))
     report = lr.learning_report(

@@ -125,8 +125,8 @@ def test_train_command_line_gives_one_line_for_bad_input(prep, tmp_path):
 def build(root, seg=True):
     """The datasets of phantoms written to `root` and prepared into root/prep, with or without masks."""
     source = data.Source("synthetic", str(root), str(root / "prep"))
-    task = data.make_task("synthetic", anatomy=data.anatomy("paper", source, "chest", seg))
-    return data.build_datasets(task, source, seed=0, with_mask=seg)
+    anatomy = data.anatomy("paper", source, "chest", seg)
+    return data.build_datasets(data.make_task("synthetic", anatomy=anatomy), source, 0, seg, anatomy.lut)
 
 
 def test_wrong_dtype_and_affine_mismatch_name_the_file(prep):

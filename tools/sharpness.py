@@ -109,7 +109,7 @@ def fixed_batches(config, cases, batch_size, run_folder="."):
     samples = [dataset[i] for i in range(min(cases, len(dataset)))]
     batches = []
     for start in range(0, len(samples), batch_size):
-        batch = dataset.collate(samples[start : start + batch_size])
+        batch = torch.utils.data.default_collate(samples[start : start + batch_size])
         batches.append((data.normalize(batch["ct"], task.window), batch["label"]))
     return batches, task
 
