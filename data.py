@@ -262,7 +262,7 @@ class CTDataset(torch.utils.data.Dataset):
             return masks
         if masks.device not in self.device_luts:
             self.device_luts[masks.device] = torch.from_numpy(self.lut).to(masks.device)
-        classes = self.device_luts[masks.device][masks.long()]  # (B, D, H, W) uint8
+        classes = torch.take(self.device_luts[masks.device], masks.long())  # (B, D, H, W) uint8
         unknown = (classes == structures.UNKNOWN).flatten(1).any(1)
         if unknown.any():
             index = int(indices[int(unknown.int().argmax())])
