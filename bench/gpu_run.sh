@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run (issue 20): CUDA tests, the benchmark at the paper's sizes, and the positive-control
+# One prepared GPU run: CUDA tests, the benchmark at the paper's sizes, and the positive-control
 # phantom study at the paper's chest geometry (docs/synthetic_study_grid6.md: the fissures phantoms of
 # docs/synthetic_study_fissures.md), in that order, within a time budget. Each stage
 # writes its log as soon as it ends, a stage that fails or runs out of time does not stop the next, and after
@@ -8,8 +8,10 @@
 #   bash bench/gpu_run.sh OUTDIR            # on a GPU machine: at most GPU_RUN_SECONDS (480) in all
 #   bash bench/gpu_run.sh OUTDIR --smoke    # CPU rehearsal at tiny sizes (tests/test_gpu_run.py)
 #
-# The device machine has PyTorch but not nibabel / pydicom: `bash bench/gpu_wheels.sh` downloads their
-# wheels into .whl/ (git-ignored), which the run carries (device tool: carry [".whl"]) and installs here.
+# On a machine with the requirements installed it needs nothing else. On one that has PyTorch but no internet
+# (and so no nibabel / pydicom): run `bash bench/gpu_wheels.sh` where there is internet, which downloads their
+# wheels into .whl/ (git-ignored); copy the checkout with .whl/ to the GPU machine, and this script installs
+# them first.
 set -u
 out=${1:?usage: bash bench/gpu_run.sh OUTDIR [--smoke]}
 smoke=${2:-}

@@ -1,4 +1,4 @@
-"""The two arms of a comparison differ only in the seg head (issue 21): the same cases with --skip-missing,
+"""The two arms of a comparison differ only in the seg head: the same cases with --skip-missing,
 the same initial backbone and classifier weights, and the same crops and labels, step by step."""
 
 import pytest

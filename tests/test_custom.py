@@ -1,4 +1,4 @@
-"""Your own CTs (issue 22): a labels CSV in a hospital export's layout, the structure set chosen when
+"""Your own CTs: a labels CSV in a hospital export's layout, the structure set chosen when
 training, and masks from another segmenter with its own label map."""
 
 import csv

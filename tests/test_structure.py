@@ -1,4 +1,4 @@
-"""The project's shape (issue 21): the card's files on top, one package below, imports that run one way."""
+"""The project's shape: the card's files on top, one package below, imports that run one way."""
 
 import ast
 from pathlib import Path
