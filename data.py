@@ -50,7 +50,9 @@ class Task:
 
     @classmethod
     def from_dict(cls, d):
-        nested = lambda v: tuple(nested(x) for x in v) if isinstance(v, list | tuple) else v  # noqa: E731
+        def nested(v):  # JSON's lists -> the tuples the Task holds
+            return tuple(nested(x) for x in v) if isinstance(v, list | tuple) else v
+
         return cls(**{k: nested(v) for k, v in d.items()})
 
 
@@ -83,8 +85,16 @@ def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=N
         anatomy = phantom_anatomy("paper", region) if dataset == "synthetic" else paper_by_name(region)
     kind = "ratic" if dataset == "ratic" else "multilabel"
     classes = tuple(classes or labels.CLASSES[dataset])
-    return Task(dataset, kind, region, classes, anatomy.names, **geometry, structure_ids=anatomy.ids,
-                scheme=anatomy.stamp)  # fmt: skip
+    return Task(
+        dataset,
+        kind,
+        region,
+        classes,
+        anatomy.names,
+        **geometry,
+        structure_ids=anatomy.ids,
+        scheme=anatomy.stamp,
+    )
 
 
 class Anatomy(NamedTuple):
@@ -322,8 +332,14 @@ class Source:
 def label_tables(source):
     """{split: (case ids, labels, patients)} of a dataset on disk, a validation split held out if asked."""
     if source.dataset == "custom":
-        return labels.custom_tables(source.labels, source.prep_dir, source.split_file, source.split_seed,
-                                    source.val_fraction, source.test_fraction)  # fmt: skip
+        return labels.custom_tables(
+            source.labels,
+            source.prep_dir,
+            source.split_file,
+            source.split_seed,
+            source.val_fraction,
+            source.test_fraction,
+        )
     tables = labels.tables(source.dataset, source.data_path, source.prep_dir, source.split_seed)
     if source.val_fraction and "val" not in tables:
         labels.hold_out(tables, source.val_fraction)
@@ -355,11 +371,15 @@ def build_datasets(task, source, seed, with_mask, lut=None):
     for split, (cases, y, groups) in tables.items():
         volumes = StoredVolumes(source.prep_dir, cases, require, with_mask, source.skip_missing, stamp)
         if volumes.missing:
-            print(f"{split}: skipped {len(volumes.missing)} case(s) without a CT or mask (the same with and "
-                  "without --seg): " + ", ".join(volumes.missing))  # fmt: skip
+            print(
+                f"{split}: skipped {len(volumes.missing)} case(s) without a CT or mask (the same with and "
+                "without --seg): " + ", ".join(volumes.missing)
+            )
         if not volumes.kept:
-            raise BadInput(f"the {split} split of {source.dataset} is empty (labels from "
-                           f"{source.labels or source.data_path}, volumes in {source.prep_dir})")  # fmt: skip
+            raise BadInput(
+                f"the {split} split of {source.dataset} is empty (labels from "
+                f"{source.labels or source.data_path}, volumes in {source.prep_dir})"
+            )
         keep = volumes.kept
         splits[split] = make([cases[i] for i in keep], volumes, y[keep], split, [groups[i] for i in keep])
     return splits

@@ -12,7 +12,6 @@ Macro averages are over the classes that have both labels; the others are counte
     python evaluate.py runs/*/ --evidence            # where each run's evidence lies among the structures
 """
 
-import argparse
 import dataclasses
 import math
 import os
@@ -158,8 +157,10 @@ def evidence_split(model, loader, task, amp=False):
     def fn(ct, batch):
         maps = evidence.evidence_maps(model, ct)  # (B, K, d, h, w)
         masks = loader.dataset.seg_classes(batch["mask"], batch["index"])
-        rows = [evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
-                for m, mask in zip(maps, masks)]  # fmt: skip
+        rows = [
+            evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
+            for m, mask in zip(maps, masks)
+        ]
         return torch.from_numpy(np.stack(rows)).flatten(1)
 
     empty = torch.zeros(0, outputs * (n + 1), dtype=torch.float64)
@@ -373,46 +374,27 @@ def load_runs(folders, method, thresholds_from, per="auto"):
     return runs
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run folders (or one predictions CSV)")
-    p.add_argument(
-        "--threshold",
-        default="youden",
-        choices=("youden", "topleft"),
-        help="Youden's J, or closest to (0, 1)",
-    )
-    p.add_argument(
-        "--thresholds-from", default="test", choices=("test", "val"), help="evaluated set or validation"
-    )
-    p.add_argument(
-        "--per", default="auto", choices=("auto", "case", "patient"), help="auto: patient for RATIC"
-    )
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (several runs)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--figure", help="several runs: write Figure 3 (grad-norm and loss curves) to this PNG")
-    p.add_argument("--output", help="several runs: text + JSON (default <first run>/../comparison.*)")
-    p.add_argument("--roc", metavar="PNG", help="each finding's ROC curve (several runs: the arms overlaid)")
-    p.add_argument(
-        "--evidence", action="store_true", help="where each run's evidence lies among the structures"
-    )
-    return p
+flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What to evaluate and how, resolved once from the command line."""
+    """What to evaluate and how, and its command line, declared once (utils.flag)."""
 
-    paths: tuple
-    threshold: str
-    thresholds_from: str
-    per: str
-    bootstrap: int
-    seed: int
-    figure: str | None
-    output: str | None
-    roc: str | None
-    evidence: bool
+    paths: tuple = flag((), "run folders (or one predictions CSV)", names=("paths",), nargs="+")
+    threshold: str = flag("youden", "Youden's J, or closest to (0, 1)", choices=("youden", "topleft"))
+    thresholds_from: str = flag("test", "evaluated set or validation", choices=("test", "val"))
+    per: str = flag("auto", "auto: patient for RATIC", choices=("auto", "case", "patient"))
+    bootstrap: int = flag(2000, "bootstrap resamples (several runs)", type=int)
+    seed: int = flag(0, "bootstrap seed", type=int)
+    figure: str | None = flag(None, "several runs: write Figure 3 (grad-norm and loss curves) to this PNG")
+    output: str | None = flag(None, "several runs: text + JSON (default <first run>/../comparison.*)")
+    roc: str | None = flag(None, "each finding's ROC curve (several runs: the arms overlaid)", metavar="PNG")
+    evidence: bool = flag(False, "where each run's evidence lies among the structures", action="store_true")
+
+
+def get_args_parser():
+    return utils.args_parser(Settings, __doc__)
 
 
 def compare_runs(s):

@@ -25,7 +25,6 @@ narrows TotalSegmentator's to that region's), rewritten atomically as cases fini
 files are written atomically, and unreadable inputs are reported at the end (exit status 1).
 """
 
-import argparse
 import dataclasses
 import fnmatch
 import os
@@ -45,24 +44,34 @@ from ctkit.regions import REGIONS
 from ctkit.utils import BadInput
 
 PREFETCH = 2  # cases read ahead of the network, and written behind it
+SUMMARY_SECONDS = 60  # masks_summary.csv is rewritten at most this often while cases finish
+
+
+flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """The command line, resolved once (the metadata CSVs and the label map are read by prepare).
-    from_masks: the folder of existing label maps (--from-totalseg or --from-masks), None to segment."""
+    """The command line, declared once (utils.flag) and resolved once (the metadata CSVs and the label map
+    are read by prepare). from_masks: the folder of existing label maps (--from-masks, or --from-totalseg's
+    with TotalSegmentator's scheme), None to segment."""
 
-    src: Path
-    dst: Path
-    region: str | None
-    from_masks: Path | None
-    label_map: Path | None
-    metadata: tuple
-    exclude: tuple
-    device: str
-    engine: str
-    shard: str
-    preview: int
+    src: Path = flag(None, "folder searched recursively for CTs", type=Path, required=True)
+    dst: Path = flag(None, "output folder (ct/, mask/, qc/)", type=Path, required=True)
+    region: str | None = flag(None, "QC and previews: this region's structures", choices=tuple(REGIONS))
+    from_totalseg: Path | None = flag(None, "existing TotalSegmentator multilabel outputs", type=Path)
+    from_masks: Path | None = flag(None, "existing label maps of another segmenter", type=Path)
+    label_map: Path | None = flag(None, "with --from-masks: JSON {id: class name}", type=Path)
+    metadata: tuple = flag(None, "CT-RATE metadata CSV(s) for the original (not _fixed) files", nargs="+")
+    exclude: tuple = flag(None, "skip matching paths", action="append", metavar="GLOB")
+    device: str = flag("gpu", "TotalSegmentator device: gpu, gpu:N, cpu, mps")
+    engine: str = flag(
+        "predictor",
+        "model loaded once (default), or TotalSegmentator's per-case call",
+        choices=("predictor", "totalsegmentator"),
+    )
+    shard: str = flag("0/1", "I/N: process the cases whose id hashes to I mod N")
+    preview: int = flag(0, "write PNG previews of N cases", type=int, metavar="N")
 
 
 def find_cases(src, skip=(), exclude=()):
@@ -70,7 +79,10 @@ def find_cases(src, skip=(), exclude=()):
     folders (the output, the TotalSegmentator maps), in make_masks.py outputs, and paths (relative to src)
     matching an `exclude` glob."""
     skip = {Path(p).resolve() for p in skip if p}
-    excluded = lambda path: any(fnmatch.fnmatch(path.relative_to(src).as_posix(), g) for g in exclude)  # noqa: E731
+
+    def excluded(path):
+        return any(fnmatch.fnmatch(path.relative_to(src).as_posix(), g) for g in exclude)
+
     cases, seen = {}, set()
     for root, dirs, files in os.walk(src, followlinks=True):  # a linked series folder is an input too
         root = Path(root)
@@ -171,22 +183,33 @@ def segmenter(s):
 
 def run_cases(todo, cases, s, inputs, progress):
     """Every case through load (reader thread, PREFETCH cases ahead), TotalSegmentator (this thread: the GPU
-    never waits for a file) and save (writer thread). Returns the failures, one line each."""
+    never waits for a file) and save (writer thread); masks_summary.csv (all shards' cases) rewritten at most
+    every SUMMARY_SECONDS; `progress`: the progress bar. Returns the failures, one line each."""
     segment, failures, writes = segmenter(s), [], deque()
+    finished, last_summary = [], time.time()
 
     def fail(case, error):
         failures.append(f"{cases[case][1]}: {type(error).__name__}: {error}")
         progress.write(f"FAILED {failures[-1]}")
 
     def finish(case, future):
+        nonlocal last_summary
         try:
             future.result()
-            progress.update(case)
+            progress.update()
+            finished.append(case)
+            if time.time() - last_summary > SUMMARY_SECONDS:  # merge the cases finished since: no rereading
+                mask_qc.write_summary(s.dst, finished)
+                finished.clear()
+                last_summary = time.time()
         except Exception as error:  # report, go on, fail at the end
             fail(case, error)
 
     with ThreadPoolExecutor(1) as reader, ThreadPoolExecutor(1) as writer:
-        read = lambda case: reader.submit(load, case, s, inputs, *cases[case])  # noqa: E731
+
+        def read(case):
+            return reader.submit(load, case, s, inputs, *cases[case])
+
         loads = deque((case, read(case)) for case in todo[:PREFETCH])
         for position, case in enumerate(todo):
             if position + PREFETCH < len(todo):
@@ -206,25 +229,7 @@ def run_cases(todo, cases, s, inputs, progress):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--src", required=True, type=Path, help="folder searched recursively for CTs")
-    parser.add_argument("--dst", required=True, type=Path, help="output folder (ct/, mask/, qc/)")
-    parser.add_argument("--region", choices=tuple(REGIONS), help="QC and previews: this region's structures")
-    parser.add_argument("--from-totalseg", type=Path, help="existing TotalSegmentator multilabel outputs")
-    parser.add_argument("--from-masks", type=Path, help="existing label maps of another segmenter")
-    parser.add_argument("--label-map", type=Path, help="with --from-masks: JSON {id: class name}")
-    parser.add_argument(
-        "--metadata", nargs="+", help="CT-RATE metadata CSV(s) for the original (not _fixed) files"
-    )
-    parser.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip matching paths")
-    parser.add_argument("--device", default="gpu", help="TotalSegmentator device: gpu, gpu:N, cpu, mps")
-    parser.add_argument("--engine", default="predictor", choices=("predictor", "totalsegmentator"),
-                        help="model loaded once (default), or TotalSegmentator's per-case call")  # fmt: skip
-    parser.add_argument("--shard", default="0/1", help="I/N: process the cases whose id hashes to I mod N")
-    parser.add_argument("--preview", type=int, default=0, metavar="N", help="write PNG previews of N cases")
-    return parser
+    return utils.args_parser(Settings, __doc__)
 
 
 class Inputs(NamedTuple):
@@ -250,9 +255,8 @@ def resolve(args):
     if not shard or not int(shard[1]) < int(shard[2]):
         raise BadInput(f"--shard {args.shard}: give I/N with 0 <= I < N, e.g. 0/4")
     utils.check_writable_folder(args.dst, "--dst")
-    given = {k: v for k, v in vars(args).items() if k != "from_totalseg"}
-    given.update(from_masks=args.from_masks or args.from_totalseg, metadata=tuple(args.metadata or ()),
-                 exclude=tuple(args.exclude))  # fmt: skip
+    given = dict(vars(args), from_masks=args.from_masks or args.from_totalseg)
+    given.update(metadata=tuple(args.metadata or ()), exclude=tuple(args.exclude or ()))
     return Settings(**given)
 
 
@@ -291,7 +295,7 @@ def main(args):
     todo = [c for c in mine if not prep.is_done(s.dst, c, inputs.stamp)]
     print(f"{len(cases)} cases under {s.src}; shard {s.shard}: {len(mine)}, {len(mine) - len(todo)} done")
     with tqdm(total=len(todo), unit="case") as progress:
-        failures = run_cases(todo, cases, s, inputs, SummaryEvery(progress, s.dst))
+        failures = run_cases(todo, cases, s, inputs, progress)
     mask_qc.write_summary(s.dst)
     window = REGIONS[s.region]["window"] if s.region else (-1000, 400)
     for case in [c for c in mine if prep.is_done(s.dst, c, inputs.stamp)][: s.preview]:
@@ -299,29 +303,6 @@ def main(args):
     if failures:
         raise BadInput(f"{len(failures)} of {len(todo)} case(s) failed:\n  " + "\n  ".join(failures))
     print(f"done: {len(mine)} cases in {s.dst}; quality control in {s.dst / mask_qc.SUMMARY}")
-
-
-class SummaryEvery:
-    """The progress bar; rewrites masks_summary.csv (all shards' cases) at most once a minute."""
-
-    def __init__(self, progress, dst, seconds=60):
-        self.progress, self.dst, self.seconds, self.last, self.finished = (
-            progress,
-            dst,
-            seconds,
-            time.time(),
-            [],
-        )
-
-    def update(self, case):
-        self.progress.update()
-        self.finished.append(case)
-        if time.time() - self.last > self.seconds:  # merge the cases finished since: no rereading of all
-            mask_qc.write_summary(self.dst, self.finished)
-            self.last, self.finished = time.time(), []
-
-    def write(self, line):
-        self.progress.write(line)
 
 
 def cli(argv=None):

@@ -281,8 +281,16 @@ def test_cosine_schedule():
 def test_metrics_against_sklearn_and_hand_made_cases():
     y = np.array([[0, 1, 0], [0, 1, 1], [1, 1, 0], [1, 1, 1], [0, 1, 0], [1, 1, 1]], float)
     # class c has a tie at 0.5 across both labels; class b has one label value
-    p = np.array([[0.1, 0.3, 0.5], [0.3, 0.2, 0.5], [0.35, 0.9, 0.1], [0.8, 0.5, 0.9], [0.2, 0.1, 0.2],
-                  [0.7, 0.4, 0.5]])  # fmt: skip
+    p = np.array(
+        [
+            [0.1, 0.3, 0.5],
+            [0.3, 0.2, 0.5],
+            [0.35, 0.9, 0.1],
+            [0.8, 0.5, 0.9],
+            [0.2, 0.1, 0.2],
+            [0.7, 0.4, 0.5],
+        ]
+    )
     rows, macro, skipped = evaluate.compute_metrics(y, p, ["a", "b", "c"])
     assert skipped == ["b"] and macro["classes"] == 2 and macro["skipped"] == 1
     by_class = {r["class"]: r for r in rows}

@@ -13,9 +13,7 @@ learning report, each written atomically. After a crash, rerun the same command 
 where an uninterrupted run would.
 """
 
-import argparse
 import dataclasses
-import functools
 import math
 import os
 import re
@@ -40,115 +38,105 @@ TABLE4_BATCH = {("chest", "r3d"): 10, ("chest", "swin"): 6, ("chest", "mvit"): 4
 TABLE4_EPOCHS = {"ctrate": 20, "radchest": 100, "ratic": 100, "synthetic": 6, "custom": 100}  # last 2: ours
 # fmt: on
 EPOCH_FIELDS = ("epoch", "iteration", "split", "macro_auc", "seconds")
-# what a resumed run must share with its checkpoint, or its steps, crops, schedule or arithmetic would differ
-# fmt: off
-RESUME_SETTINGS = ("dataset", "model", "seg", "seg_weight", "batch_size", "seed", "epochs", "max_steps", "lr",
-                   "lr_warmup_epochs", "weight_decay", "val_fraction", "split_seed", "synthetic_cases",
-                   "synthetic_variant", "labels", "test_fraction", "amp")  # the task holds the structures
-STALE = ("checkpoint_best.pth", "predictions_val.csv", "predictions_test.csv", "metrics_val.json",
-         "metrics_test.json", "metrics_val.csv", "metrics_test.csv", "dice_val.json", "dice_test.json",
-         "seg_report_val.json", "seg_report_test.json", "sharpness.json", "evidence_by_anatomy_test.json",
-         "evidence_by_anatomy_test.csv")
+STALE = (
+    "checkpoint_best.pth",
+    "predictions_val.csv",
+    "predictions_test.csv",
+    "metrics_val.json",
+    "metrics_test.json",
+    "metrics_val.csv",
+    "metrics_test.csv",
+    "dice_val.json",
+    "dice_test.json",
+    "seg_report_val.json",
+    "seg_report_test.json",
+    "sharpness.json",
+    "evidence_by_anatomy_test.json",
+    "evidence_by_anatomy_test.csv",
+)
 RUN_FILES = ("config.json", "checkpoint.pth", "iterations.csv", "epochs.csv", *STALE)  # make a folder a run's
-# fmt: on
 
 
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--dataset", default="synthetic", choices=("synthetic", "ctrate", "radchest", "ratic", "custom")
-    )
-    p.add_argument("--model", default="r3d", choices=ARCHS)
-    p.add_argument("--seg", action="store_true", help="add the auxiliary segmentation head and loss")
-    p.add_argument("--seg-weight", default=1.0, type=float, help="weight of the segmentation loss (paper: 1)")
-    p.add_argument("--seg-chunk", default=0, type=int, help="seg loss N slices at a time: less memory")
-    p.add_argument("--pretrained", nargs="?", const="download", metavar="PATH", help="Kinetics-400 weights")
-    p.add_argument("--structures", default="paper", metavar="SPEC",
-                   help="seg classes: paper, all, or names in the stored scheme (a=b+c merges)")  # fmt: skip
-    p.add_argument("--data-path", help="dataset root holding the label files")
-    p.add_argument("--labels", help="--dataset custom: the labels CSV (case_id or path, findings 0/1)")
-    p.add_argument(
-        "--region", choices=("chest", "abdomen"), help="--dataset custom: window, crop, structures"
-    )
-    p.add_argument("--prep-dir", help="make_masks.py output (ct/, mask/); default <data-path>/prep")
-    p.add_argument("--skip-missing", action="store_true", help="skip (and list) labelled cases without files")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of patients")
-    p.add_argument(
-        "--test-fraction", type=float, help="--dataset custom without a split column (default 0.2)"
-    )
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the RATIC patient split (drawn once)")
-    p.add_argument("--output-dir", help="run folder (default runs/<dataset>_<model>[_seg][_pre]_s<seed>)")
-    p.add_argument("--resume", nargs="?", const="auto", help="no value: <output-dir>/checkpoint.pth if any")
-    p.add_argument("--overwrite", action="store_true", help="a new run in a folder holding a run: delete it")
-    p.add_argument("--test-only", action="store_true", help="only evaluate the --resume checkpoint")
-    p.add_argument("-b", "--batch-size", type=int, help="per process (default: Table 4)")
-    p.add_argument("-j", "--workers", type=int, default=min(8, (os.cpu_count() or 2) // 2))
-    p.add_argument("--epochs", type=int, help="default: Table 4")
-    p.add_argument("--lr", type=float, help="base learning rate (default: Table 4)")
-    p.add_argument("--wd", "--weight-decay", type=float, default=1e-4, dest="weight_decay")
-    p.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear warm-up before the cosine")
-    p.add_argument("--clip-grad-norm", type=float, default=5.0, help="0: no clipping (still logged)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast (GPUs without bf16: fp16; CPU: checked)")
-    p.add_argument("--channels-last", action="store_true", help="channels-last 3D weights (faster convs)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--print-freq", type=int, default=10, help="iterations between log lines")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N iterations")
-    p.add_argument("--max-steps", type=int, help="stop each epoch after N steps (short runs)")
-    p.add_argument("--crop", type=int, nargs=3, metavar=("D", "H", "W"), help="another crop (the pad scales)")
-    p.add_argument("--pad", type=int, nargs=3, metavar=("D", "H", "W"), help="override the pad box")
-    p.add_argument("--synthetic-cases", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"))
-    p.add_argument("--synthetic-variant", default="default", choices=synthetic.VARIANTS,
-                   help="fissures: phantoms whose nodule labels need each case's lobes")  # fmt: skip
-    return p
+DATASETS = ("synthetic", "ctrate", "radchest", "ratic", "custom")
+flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every setting of a run, resolved once from the command line (resolve): Table 4's defaults filled in,
-    the folders and the checkpoint to resume from decided. Saved as config.json and in every checkpoint."""
+    """Every setting of a run and its command-line flag, declared once (utils.flag); resolved once from the
+    command line (resolve): Table 4's defaults filled in, the folders and the checkpoint to resume from
+    decided. Saved as config.json and in every checkpoint; `resumed`: what a resumed run must share with its
+    checkpoint, or its steps, crops, schedule or arithmetic would differ (the task holds the structures)."""
 
-    dataset: str
-    model: str
-    seg: bool
-    seg_weight: float
-    seg_chunk: int
-    pretrained: str | None
-    structures: str
-    data_path: str | None
-    labels: str | None
-    region: str | None
-    prep_dir: str | None
-    skip_missing: bool
-    val_fraction: float
-    test_fraction: float | None
-    split_seed: int
-    output_dir: str
-    resume: str | None
-    overwrite: bool
-    test_only: bool
-    batch_size: int
-    workers: int
-    epochs: int
-    lr: float
-    weight_decay: float
-    lr_warmup_epochs: float
-    clip_grad_norm: float
-    amp: bool
-    channels_last: bool
-    seed: int
-    device: str
-    print_freq: int
-    checkpoint_every: int
-    max_steps: int | None
-    crop: tuple | None
-    pad: tuple | None
-    synthetic_cases: tuple | None
-    synthetic_variant: str
+    dataset: str = flag("synthetic", choices=DATASETS, resumed=True)
+    model: str = flag("r3d", choices=ARCHS, resumed=True)
+    seg: bool = flag(False, "add the auxiliary segmentation head and loss", action="store_true", resumed=True)
+    seg_weight: float = flag(1.0, "weight of the segmentation loss (paper: 1)", type=float, resumed=True)
+    seg_chunk: int = flag(0, "seg loss N slices at a time: less memory", type=int)
+    pretrained: str | None = flag(None, "Kinetics-400 weights", nargs="?", const="download", metavar="PATH")
+    structures: str = flag(
+        "paper", "seg classes: paper, all, or names in the stored scheme (a=b+c merges)", metavar="SPEC"
+    )
+    data_path: str | None = flag(None, "dataset root holding the label files")
+    labels: str | None = flag(
+        None, "--dataset custom: the labels CSV (case_id or path, findings 0/1)", resumed=True
+    )
+    region: str | None = flag(
+        None, "--dataset custom: window, crop, structures", choices=("chest", "abdomen")
+    )
+    prep_dir: str | None = flag(None, "make_masks.py output (ct/, mask/); default <data-path>/prep")
+    skip_missing: bool = flag(False, "skip (and list) labelled cases without files", action="store_true")
+    val_fraction: float = flag(0.0, "hold out this fraction of patients", type=float, resumed=True)
+    test_fraction: float | None = flag(
+        None, "--dataset custom without a split column (default 0.2)", type=float, resumed=True
+    )
+    split_seed: int = flag(0, "seed of the RATIC patient split (drawn once)", type=int, resumed=True)
+    output_dir: str = flag(None, "run folder (default runs/<dataset>_<model>[_seg][_pre]_s<seed>)")
+    resume: str | None = flag(None, "no value: <output-dir>/checkpoint.pth if any", nargs="?", const="auto")
+    overwrite: bool = flag(False, "a new run in a folder holding a run: delete it", action="store_true")
+    test_only: bool = flag(False, "only evaluate the --resume checkpoint", action="store_true")
+    batch_size: int = flag(
+        None, "per process (default: Table 4)", names=("-b", "--batch-size"), type=int, resumed=True
+    )
+    workers: int = flag(min(8, (os.cpu_count() or 2) // 2), names=("-j", "--workers"), type=int)
+    epochs: int = flag(None, "default: Table 4", type=int, resumed=True)
+    lr: float = flag(None, "base learning rate (default: Table 4)", type=float, resumed=True)
+    weight_decay: float = flag(1e-4, names=("--wd", "--weight-decay"), type=float, resumed=True)
+    lr_warmup_epochs: float = flag(0.0, "linear warm-up before the cosine", type=float, resumed=True)
+    clip_grad_norm: float = flag(5.0, "0: no clipping (still logged)", type=float)
+    amp: bool = flag(
+        False, "bf16 autocast (GPUs without bf16: fp16; CPU: checked)", action="store_true", resumed=True
+    )
+    channels_last: bool = flag(False, "channels-last 3D weights (faster convs)", action="store_true")
+    seed: int = flag(0, type=int, resumed=True)
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu")
+    print_freq: int = flag(10, "iterations between log lines", type=int)
+    checkpoint_every: int = flag(0, "also checkpoint every N iterations", type=int)
+    max_steps: int | None = flag(None, "stop each epoch after N steps (short runs)", type=int, resumed=True)
+    crop: tuple | None = flag(
+        None, "another crop (the pad scales)", type=int, nargs=3, metavar=("D", "H", "W")
+    )
+    pad: tuple | None = flag(None, "override the pad box", type=int, nargs=3, metavar=("D", "H", "W"))
+    synthetic_cases: tuple | None = flag(
+        None, type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"), resumed=True
+    )
+    synthetic_variant: str = flag(
+        "default",
+        "fissures: phantoms whose nodule labels need each case's lobes",
+        choices=synthetic.VARIANTS,
+        resumed=True,
+    )
 
     def source(self):
         """Where the cases come from (data.Source); a custom dataset's drawn split is kept with the run."""
         return data.Source.of_run(dataclasses.asdict(self), self.output_dir)
+
+
+RESUME_SETTINGS = tuple(f.name for f in dataclasses.fields(Settings) if f.metadata["resumed"])
+
+
+def get_args_parser():
+    return utils.args_parser(Settings, __doc__)
 
 
 def resolve(args, region, device):
@@ -167,8 +155,11 @@ def resolve(args, region, device):
         if any(v is not None and v < 1 for v in values):
             raise BadInput(f"--{flag.replace('_', '-')} {' '.join(map(str, values))}: must be at least 1")
     notes, region_model = [], (region, args.model)
-    for name, table, key in (("lr", TABLE4_LR, region_model), ("batch_size", TABLE4_BATCH, region_model),
-                             ("epochs", TABLE4_EPOCHS, args.dataset)):  # fmt: skip
+    for name, table, key in (
+        ("lr", TABLE4_LR, region_model),
+        ("batch_size", TABLE4_BATCH, region_model),
+        ("epochs", TABLE4_EPOCHS, args.dataset),
+    ):
         default = f"this project's {key} default" if key in ("synthetic", "custom") else "Table 4"
         source = default if given[name] is None else f"given; {default}: {table[key]}"
         given[name] = table[key] if given[name] is None else given[name]
@@ -202,7 +193,7 @@ def cosine_lr(iteration, total_iterations, base_lr, warmup_iterations=0):
 
 
 def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps, save):
-    """One epoch, from step steps[0] of steps[1] per epoch; save(iteration) writes a mid-epoch checkpoint.
+    """One epoch, from step steps[0] of steps[1] per epoch; save(name, iteration) writes a checkpoint.
     objective: model.Objective (inside DistributedDataParallel under torchrun); s: the Settings."""
     objective.train()
     device, (first, per_epoch) = next(objective.parameters()).device, steps
@@ -240,7 +231,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         if len(log.pending) == s.print_freq or last or save_now:
             log.flush()
         if save_now:
-            save(it + 1)
+            save("checkpoint.pth", it + 1)
         if last:
             break
         t_end = time.time()
@@ -296,8 +287,10 @@ def prepare_folder(s, task, iteration):
     drops the log rows written after its checkpoint; then config.json (not for --test-only)."""
     os.makedirs(s.output_dir, exist_ok=True)
     utils.remove_temporaries(s.output_dir, lambda stem: stem in {name.split(".")[0] for name in RUN_FILES})
-    logs = {"iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
-            "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration)}  # fmt: skip
+    logs = {
+        "iterations.csv": (utils.StepLog.FIELDS, lambda row: int(row["iteration"]) < iteration),
+        "epochs.csv": (EPOCH_FIELDS, lambda row: int(row["iteration"]) <= iteration),
+    }
     earlier = () if continues_its_run(s) else RUN_FILES  # a new run, or a checkpoint taken to a new folder
     # first: a kill never pairs new settings with old weights
     utils.prepare_folder(s.output_dir, {} if s.test_only else logs, earlier)
@@ -370,6 +363,35 @@ def prepare_run(s, notes, region, device):
     return task, splits
 
 
+def fit(objective, state, training, loaders, task, s):
+    """The epochs from the state's iteration on, validated and checkpointed after each; then the
+    classifier holds the best-on-validation weights (with a validation split), ready to be tested.
+    state: (classifier, optimizer, scaler, iteration, best AUC); training: (loader, steps per epoch)."""
+    model, optimizer, scaler, iteration, best_auc = state
+    train_loader, per_epoch = training
+
+    def save(name, iteration, resumable=True):  # rank 0 writes; the best AUC as it is when saved
+        save_checkpoint(name, iteration, best_auc, model, optimizer, scaler, s, task, resumable)
+
+    (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None
+    for epoch in range(start_epoch, s.epochs):
+        train_loader.sampler.set_epoch(epoch, skip=first_step)
+        t0 = time.time()
+        train_one_epoch(
+            objective, optimizer, scaler, train_loader, task, s, epoch, (first_step, per_epoch), save
+        )
+        first_step, iteration = 0, (epoch + 1) * per_epoch
+        auc = validate(model, loaders, task, s, epoch, iteration, time.time() - t0)
+        if auc > best_auc:  # every process computed the same AUC: each keeps the best weights in memory
+            best_auc, best_state = auc, utils.cpu_state(model)
+            save("checkpoint_best.pth", iteration, resumable=False)
+        save("checkpoint.pth", iteration)
+    if "val" in loaders:  # with a validation split, test the best on it
+        best_state = best_state or utils.saved_weights(os.path.join(s.output_dir, "checkpoint_best.pth"))
+        if best_state is not None:
+            model.load_state_dict(best_state)
+
+
 def loaders_for(splits, s):
     """(training loader, {"val"/"test": evaluation loader}) of the splits there are."""
     options = dict(
@@ -400,25 +422,9 @@ def main(args):
         objective = torch.nn.parallel.DistributedDataParallel(objective, utils.device_ids(device))
     if rank == 0:
         prepare_folder(s, task, iteration)
-    save = functools.partial(save_checkpoint, model=model, optimizer=optimizer, scaler=scaler, s=s, task=task)
-    mid_epoch = lambda iteration: save("checkpoint.pth", iteration, best_auc)  # noqa: E731
-    (start_epoch, first_step), best_state = divmod(iteration, per_epoch), None
-    for epoch in range(start_epoch, start_epoch if s.test_only else s.epochs):
-        train_loader.sampler.set_epoch(epoch, skip=first_step)
-        t0 = time.time()
-        train_one_epoch(
-            objective, optimizer, scaler, train_loader, task, s, epoch, (first_step, per_epoch), mid_epoch
-        )
-        first_step, iteration = 0, (epoch + 1) * per_epoch
-        auc = validate(model, loaders, task, s, epoch, iteration, time.time() - t0)
-        if auc > best_auc:  # every process computed the same AUC: each keeps the best weights in memory
-            best_auc, best_state = auc, utils.cpu_state(model)
-            save("checkpoint_best.pth", iteration, best_auc, resumable=False)
-        save("checkpoint.pth", iteration, best_auc)
-    if "val" in loaders and not s.test_only:  # with a validation split, test the best on it
-        best_state = best_state or utils.saved_weights(os.path.join(s.output_dir, "checkpoint_best.pth"))
-        if best_state is not None:
-            model.load_state_dict(best_state)
+    if not s.test_only:  # --test-only evaluates the checkpoint as it is
+        state = (model, optimizer, scaler, iteration, best_auc)
+        fit(objective, state, (train_loader, per_epoch), loaders, task, s)
     bound = s.dataset == "synthetic"  # the per-case bound of the learning report: phantoms only (cost)
     evaluate.write_outputs(model, loaders, task, s.output_dir, s.seg, s.amp, splits["train"], bound)
     if world_size > 1:

@@ -213,8 +213,11 @@ def bench_seg_overhead(repeats, crop=(32, 64, 64), batch=2):
         plain.eval(), seg.eval()
         with torch.no_grad():
             i_plain, i_seg = interleaved([partial(plain, x), partial(seg, x)], repeats)
-        results[arch] = {"train_step_ratio": t_seg / t_plain, "chunked_ratio": t_chunked / t_plain,
-                         "inference_ratio": i_seg / i_plain}  # fmt: skip
+        results[arch] = {
+            "train_step_ratio": t_seg / t_plain,
+            "chunked_ratio": t_chunked / t_plain,
+            "inference_ratio": i_seg / i_plain,
+        }
         print(
             f"  {arch:5s} train step w/ seg / w/o = {t_seg:.3f} s / {t_plain:.3f} s = {t_seg / t_plain:.3f}"
             f", with --seg-chunk 8: {t_chunked / t_plain:.3f}; inference seg-trained / plain "
@@ -381,8 +384,10 @@ def bench_structures(repeats, crop=(32, 64, 64), batch=2):
     for name, values in results.items():
         t, m = np.median(values, 0)
         ratios[name] = (t / paper[0], m / paper[1])
-        print(f"  {name:<20} step {t:.3f} s ({t / paper[0]:.2f}x paper), peak memory of the model and steps "
-              f"{m:.0f} MiB ({m / paper[1]:.2f}x)")  # fmt: skip
+        print(
+            f"  {name:<20} step {t:.3f} s ({t / paper[0]:.2f}x paper), peak memory of the model and steps "
+            f"{m:.0f} MiB ({m / paper[1]:.2f}x)"
+        )
     return ratios
 
 

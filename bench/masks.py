@@ -70,9 +70,13 @@ def stages(src, device):
     t_network, labels = timed(engine, nib.Nifti1Image(ct, out_affine))
     with tempfile.TemporaryDirectory() as folder:
         t_write, _ = timed(ct_io.save_nifti, ct, out_affine, os.path.join(folder, "ct.nii"))
-    return {"predictor set-up (once per process)": t_init, "read .nii.gz": t_read,
-            "resample to 1.5 x 1.5 x 3 mm": t_resample, "network (TotalSegmentator pipeline)": t_network,
-            "write the CT": t_write}  # fmt: skip
+    return {
+        "predictor set-up (once per process)": t_init,
+        "read .nii.gz": t_read,
+        "resample to 1.5 x 1.5 x 3 mm": t_resample,
+        "network (TotalSegmentator pipeline)": t_network,
+        "write the CT": t_write,
+    }
 
 
 def main():
@@ -100,11 +104,15 @@ def main():
         print(f"TotalSegmentator 'total' fast: {source}")
         for name, seconds in stages(folder / "src", args.device).items():
             print(f"  {name:<40} {seconds:6.2f} s")
-        totals = {engine: run_engine(engine, folder / "src", folder / engine, args.device)
-                  for engine in ("totalsegmentator", "predictor")}  # fmt: skip
+        totals = {
+            engine: run_engine(engine, folder / "src", folder / engine, args.device)
+            for engine in ("totalsegmentator", "predictor")
+        }
     for engine, seconds in totals.items():
-        print(f"make_masks.py --engine {engine:<17} {seconds / args.cases:6.2f} s per case "
-              f"({seconds:.1f} s for {args.cases}, set-up included)")  # fmt: skip
+        print(
+            f"make_masks.py --engine {engine:<17} {seconds / args.cases:6.2f} s per case "
+            f"({seconds:.1f} s for {args.cases}, set-up included)"
+        )
     print(f"per-case speed-up: {totals['totalsegmentator'] / totals['predictor']:.1f}x")
 
 

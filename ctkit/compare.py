@@ -65,6 +65,11 @@ def paired_bootstrap(y_true, probs_a, probs_b, resamples=2000, seed=0, seeds_too
     return float(delta), float(low), float(high), float(p_value)
 
 
+def ci(low, high):
+    """An interval of AUC differences in percentage points."""
+    return f"[{100 * low:+.2f}, {100 * high:+.2f}]"
+
+
 def cell(values, scale=100):
     values = scale * np.asarray(values, dtype=float)
     return f"{values.mean():.2f}" + (f" ± {values.std(ddof=1):.2f}" if len(values) > 1 else "")
@@ -119,10 +124,11 @@ def bootstrap_line(off, on, resamples, seed):
     y, a, b = reference["y_true"], [r["y_prob"] for r in on], [r["y_prob"] for r in off]
     d, low, high, p = paired_bootstrap(y, a, b, resamples, seed)
     _, low2, high2, p2 = paired_bootstrap(y, a, b, resamples, seed, seeds_too=True)
-    ci = lambda lo, hi: f"[{100 * lo:+.2f}, {100 * hi:+.2f}]"  # noqa: E731
     sizes = f"{resamples} resamples, {len(reference['cases'])} cases, {len(off)} vs {len(on)} run(s)"
-    line = (f"{'':<22}Δ AUC {100 * d:+.2f}; 95% CI over test cases {ci(low, high)}, p = {p:.3f}; over seeds "
-            f"and cases (two-level) {ci(low2, high2)}, p = {p2:.3f} ({sizes})")  # fmt: skip
+    line = (
+        f"{'':<22}Δ AUC {100 * d:+.2f}; 95% CI over test cases {ci(low, high)}, p = {p:.3f}; over seeds "
+        f"and cases (two-level) {ci(low2, high2)}, p = {p2:.3f} ({sizes})"
+    )
     record = dict(metric="delta_auc", delta=d, ci=[low, high], p=p, ci_seeds_and_cases=[low2, high2])
     return line, {**record, "p_seeds_and_cases": p2, "resamples": resamples}
 
@@ -160,8 +166,8 @@ def sharpness_lines(groups, keys):
         ]
         if found:
             values = {m: [f[m] for f in found] for m in ("lambda_max", "increase_0.02", "increase_0.05")}
-            spread = lambda v: f" ± {np.std(v, ddof=1):.2g}" if len(v) > 1 else ""  # noqa: E731
-            shown = "  ".join(f"{m} {np.mean(v):.4g}{spread(v)}" for m, v in values.items())
+            spread = {m: f" ± {np.std(v, ddof=1):.2g}" if len(v) > 1 else "" for m, v in values.items()}
+            shown = "  ".join(f"{m} {np.mean(v):.4g}{spread[m]}" for m, v in values.items())
             label = MODEL_NAMES[key[1]] + (" + P" if key[2] else "") + (" + S" if key[3] else "")
             lines.append(f"sharpness ({label}, classification loss, {len(found)} run(s)): {shown}")
     return lines

@@ -118,8 +118,10 @@ def patient_split(patients, split_file, seed, test_fraction, val_fraction=0.0, s
         other = [f"{k} {rows[0][k]}" for k in drawn if rows and rows[0][k] != drawn[k]]
         if other and same_settings:
             asked = ", ".join(f"{k} {drawn[k]}" for k in drawn)
-            raise BadInput(f"{split_file}: drawn with {', '.join(other)}, this run asks for {asked}; delete "
-                           "it or use another --output-dir")  # fmt: skip
+            raise BadInput(
+                f"{split_file}: drawn with {', '.join(other)}, this run asks for {asked}; delete "
+                "it or use another --output-dir"
+            )
         return split_of
     order = np.random.default_rng(seed).permutation(sorted(patients))
     n_test, n_val = round(len(order) * test_fraction), round(len(order) * val_fraction)
@@ -174,8 +176,10 @@ def custom_classes(path):
     if not classes:
         raise BadInput(f"{path}: no finding columns (every column but {', '.join(CUSTOM_ID_COLUMNS)} is one)")
     if "case_id" not in header and "path" not in header:
-        raise BadInput(f"{path}: needs a case_id column (make_masks.py's ids) or a path column (CT file or "
-                       "DICOM series folder, relative to the CSV's folder)")  # fmt: skip
+        raise BadInput(
+            f"{path}: needs a case_id column (make_masks.py's ids) or a path column (CT file or "
+            "DICOM series folder, relative to the CSV's folder)"
+        )
     return classes
 
 
@@ -185,8 +189,10 @@ def custom_case(row, number, path):
         return row["case_id"]
     target = os.path.join(os.path.dirname(os.path.abspath(path)), row.get("path") or "")
     if not row.get("path") or not os.path.exists(target):
-        raise BadInput(f"{path} row {number} column path: {row.get('path')!r} is not a file or folder below "
-                       f"{os.path.dirname(os.path.abspath(path))}")  # fmt: skip
+        raise BadInput(
+            f"{path} row {number} column path: {row.get('path')!r} is not a file or folder below "
+            f"{os.path.dirname(os.path.abspath(path))}"
+        )
     return prep.case_id(Path(target.rstrip("/")))
 
 
@@ -231,8 +237,10 @@ def custom_tables(path, prep_dir, split_file, seed=0, val_fraction=0.0, test_fra
         hold_out(tables, val_fraction)
     single = [c for k, c in enumerate(classes) if len(np.unique(tables["train"][1][:, k])) < 2]
     if single:
-        print(f"warning: {path}: column(s) {', '.join(single)} have a single value in the training split "
-              "(evaluated as skipped classes)")  # fmt: skip
+        print(
+            f"warning: {path}: column(s) {', '.join(single)} have a single value in the training split "
+            "(evaluated as skipped classes)"
+        )
     return tables
 
 
@@ -240,7 +248,10 @@ def hold_out(tables, fraction):
     """Move a fraction of the training groups (patients) to a validation split, chosen by a stable hash."""
     ids, labels, groups = tables["train"]
     val = np.array([zlib.crc32(g.encode()) % 1000 < fraction * 1000 for g in groups], bool)
-    pick = lambda values, keep: [v for v, k in zip(values, keep) if k]  # noqa: E731
+
+    def pick(values, keep):
+        return [v for v, k in zip(values, keep) if k]
+
     tables["train"] = (pick(ids, ~val), labels[~val], pick(groups, ~val))
     tables["val"] = (pick(ids, val), labels[val], pick(groups, val))
 
@@ -302,8 +313,14 @@ def by_patient(predictions, source="predictions"):
             f"{source}: the cases of one patient carry different labels; cannot evaluate per patient"
         )
     patients = [str(p) for p in order]
-    return dict(cases=patients, patients=patients, y_true=y_true, y_prob=sums["y_prob"] / counts,
-                classes=predictions["classes"], unit="patient")  # fmt: skip
+    return dict(
+        cases=patients,
+        patients=patients,
+        y_true=y_true,
+        y_prob=sums["y_prob"] / counts,
+        classes=predictions["classes"],
+        unit="patient",
+    )
 
 
 def write_predictions(path, case_ids, y_true, y_prob, class_names, patients=None):

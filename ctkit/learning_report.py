@@ -90,8 +90,10 @@ def score(log_probs, mask, num_labels):
     target = torch.as_tensor(mask, dtype=torch.long, device=log_probs.device)
     ce = -log_probs.gather(0, target[None]).sum()
     pred = log_probs.argmax(0)
-    counts = [torch.stack([((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()])
-              for s in range(1, num_labels)]  # fmt: skip
+    counts = [
+        torch.stack([((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()])
+        for s in range(1, num_labels)
+    ]
     return float(ce), torch.stack(counts).cpu().numpy().astype(np.int64)
 
 

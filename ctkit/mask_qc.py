@@ -112,5 +112,7 @@ def mask_report(prep_dir, case_ids):
     known = [rows[c] for c in case_ids if c in rows]
     missing = [r for r in known if r["missing"]]
     example = f", e.g. {missing[0]['case_id']}: {missing[0]['missing']}" if missing else ""
-    return (f"masks (QC structures): {len(missing)} of {len(known)} case(s) miss one{example}; "
-            f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})")  # fmt: skip
+    return (
+        f"masks (QC structures): {len(missing)} of {len(known)} case(s) miss one{example}; "
+        f"{sum(bool(r['edge']) for r in known)} touch the scan's edge ({path})"
+    )

@@ -160,8 +160,13 @@ def nifti_layout(path):
     if os.path.getsize(path) < offset + int(np.prod(shape)) * dtype.itemsize:
         raise BadInput(f"{path}: file is shorter than its header says (truncated copy?)")
     description = header["descrip"].item().decode(errors="replace").strip("\x00 ")
-    return {"shape": shape[::-1], "dtype": dtype, "offset": offset, "affine": header.get_best_affine(),
-            "description": description}  # fmt: skip
+    return {
+        "shape": shape[::-1],
+        "dtype": dtype,
+        "offset": offset,
+        "affine": header.get_best_affine(),
+        "description": description,
+    }
 
 
 def check_layouts(paths, layouts, stamp=None):
@@ -173,12 +178,16 @@ def check_layouts(paths, layouts, stamp=None):
         return
     (ct_path, mask_path), (ct, mask) = paths, layouts
     if ct["shape"] != mask["shape"] or not np.allclose(ct["affine"], mask["affine"], atol=1e-3):
-        raise BadInput(f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
-                       "(shape or affine)")  # fmt: skip
+        raise BadInput(
+            f"{mask_path}: grid {mask['shape']} does not match its CT {ct_path} {ct['shape']} "
+            "(shape or affine)"
+        )
     if stamp is not None and mask["description"] != stamp:
         found = mask["description"] or "no scheme stamp"
-        raise BadInput(f"{mask_path}: {found!r}, but the folder's {SCHEME} says {stamp!r}: a mask of "
-                       "another scheme (copied from another folder?); rerun make_masks.py on it")  # fmt: skip
+        raise BadInput(
+            f"{mask_path}: {found!r}, but the folder's {SCHEME} says {stamp!r}: a mask of "
+            "another scheme (copied from another folder?); rerun make_masks.py on it"
+        )
 
 
 def check_prep_dir(prep_dir, data_path):
@@ -195,5 +204,7 @@ def check_prep_dir(prep_dir, data_path):
     hint = (
         "; found prepared folder(s) " + ", ".join(found) + " (--prep-dir, or a --data-path one level down?)"
     )
-    raise BadInput(f"no preprocessed volumes: {os.path.join(prep_dir, CT)} does not exist "
-                   f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})")  # fmt: skip
+    raise BadInput(
+        f"no preprocessed volumes: {os.path.join(prep_dir, CT)} does not exist "
+        f"({hint[2:] if found else 'run make_masks.py first, or pass --prep-dir'})"
+    )

@@ -39,8 +39,10 @@ def parse(spec, table, region):
         name, parts = name.strip(), [p.strip() for p in parts.split("+")] if parts else [name.strip()]
         unknown = [p for p in parts if p not in by_name]
         if unknown:
-            raise BadInput(f"--structures {spec}: {unknown} not in the stored label scheme (classes such as "
-                           f"{', '.join(list(by_name)[:5])}, ...)")  # fmt: skip
+            raise BadInput(
+                f"--structures {spec}: {unknown} not in the stored label scheme (classes such as "
+                f"{', '.join(list(by_name)[:5])}, ...)"
+            )
         names.append(name.strip())
         ids.append(tuple(by_name[p] for p in parts))
     used = [i for group in ids for i in group]

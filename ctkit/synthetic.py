@@ -45,8 +45,17 @@ LOCALISED = (("nodule_right_upper_lobe", 3), ("nodule_left_lower_lobe", 2))
 # the evaluated centre crop (within `inside` x the size of the centre: the crop is 0.8 of the pad box and
 # boxes vary by +-10 %). Lengths in units of a 60-voxel-wide slice.
 VARIANTS = ("default", "fissures")
-FISSURES = dict(offset=(-0.7, 0.8), slope=(-0.2, 1.8), horizontal=(-0.6, 0.4), hu=-700, half_width=0.5,
-                radius=(4.5, 6.0), gap=1.0, decoy=1.0, inside=0.36)  # fmt: skip
+FISSURES = dict(
+    offset=(-0.7, 0.8),
+    slope=(-0.2, 1.8),
+    horizontal=(-0.6, 0.4),
+    hu=-700,
+    half_width=0.5,
+    radius=(4.5, 6.0),
+    gap=1.0,
+    decoy=1.0,
+    inside=0.36,
+)
 NEIGHBOURS = {3: (4, 5), 2: (1,)}
 REDRAWS = 50  # the lobes across the fissures of each localised finding's lobe
 

@@ -74,9 +74,16 @@ class FastTotal:
         download_pretrained_weights(TASK_ID)  # a no-op once the folder is there
         device = select_device(device)
         self.device = device if isinstance(device, torch.device) else torch.device(device)
-        self.predictor = nnUNetPredictor(tile_step_size=STEP_SIZE, use_gaussian=True, use_mirroring=False,
-                                         perform_everything_on_device=True, device=self.device, verbose=False,
-                                         verbose_preprocessing=False, allow_tqdm=False)  # fmt: skip
+        self.predictor = nnUNetPredictor(
+            tile_step_size=STEP_SIZE,
+            use_gaussian=True,
+            use_mirroring=False,
+            perform_everything_on_device=True,
+            device=self.device,
+            verbose=False,
+            verbose_preprocessing=False,
+            allow_tqdm=False,
+        )
         folder = get_output_folder(TASK_ID, TRAINER, PLANS, CONFIGURATION)
         self.predictor.initialize_from_trained_model_folder(folder, FOLDS, "checkpoint_final.pth")
 
@@ -93,8 +100,16 @@ class FastTotal:
         resampled = change_spacing(canonical, SPACING, order=1, dtype=np.int32, nr_cpus=1, use_gpu=on_gpu)
         labels = self.predict(np.asanyarray(resampled.dataobj), resampled.header.get_zooms()[:3])
         prediction = remove_auxiliary_labels(nib.Nifti1Image(labels, resampled.affine), "total")
-        prediction = change_spacing(prediction, SPACING, canonical.shape, order=0, dtype=np.uint8, nr_cpus=1,
-                                    force_affine=canonical.affine, use_gpu=on_gpu)  # fmt: skip
+        prediction = change_spacing(
+            prediction,
+            SPACING,
+            canonical.shape,
+            order=0,
+            dtype=np.uint8,
+            nr_cpus=1,
+            force_affine=canonical.affine,
+            use_gpu=on_gpu,
+        )
         prediction = undo_canonical(prediction, img)
         header = img.header.copy()
         header.set_data_dtype(np.uint8)

@@ -4,8 +4,10 @@ Nothing here is part of the method; it is kept out of the scripts so that they r
 it imports nothing of the project.
 """
 
+import argparse
 import contextlib
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -125,6 +127,35 @@ def write_csv(path, header, rows):
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------- command lines
+
+
+def flag(default=None, help=None, *, names=(), resumed=False, **argparse_keywords):
+    """A field of a script's Settings that is also its command-line flag, declared once: the default, the
+    help, argparse's keywords (type, choices, action, nargs, ...) and the flag's names (default
+    --field-name; a name without dashes is a positional argument). resumed: a resumed training run must
+    share the value with its checkpoint (train.py)."""
+    metadata = dict(help=help, names=names, resumed=resumed, argparse=argparse_keywords)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def args_parser(settings, description):
+    """The argparse parser of a Settings dataclass: one argument per field declared with `flag`, in the
+    fields' order (the other fields are resolved by the script, not given)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    for field in dataclasses.fields(settings):
+        if "argparse" not in field.metadata:
+            continue
+        names = field.metadata["names"] or ("--" + field.name.replace("_", "-"),)
+        keywords = dict(help=field.metadata["help"], **field.metadata["argparse"])
+        if names[0].startswith("-"):
+            keywords.update(dest=field.name, default=field.default)
+        parser.add_argument(*names, **keywords)
+    return parser
 
 
 # ----------------------------------------------------------------------------- logs

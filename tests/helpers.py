@@ -27,8 +27,16 @@ def prepared_synthetic(root, train=4, val=2, test=2):
     """Phantoms written as a dataset (root/ct, root/totalseg, root/labels.csv) and run through make_masks.py
     with --from-totalseg into root/prep; returns root."""
     synthetic.write_synthetic(root, {"train": train, "val": val, "test": test})
-    make_masks_cli("--src", root / "ct", "--dst", root / "prep", "--region", "chest", "--from-totalseg",
-                   root / "totalseg")  # fmt: skip
+    make_masks_cli(
+        "--src",
+        root / "ct",
+        "--dst",
+        root / "prep",
+        "--region",
+        "chest",
+        "--from-totalseg",
+        root / "totalseg",
+    )
     return root
 
 

@@ -30,7 +30,10 @@ def test_lung_bins_place_each_voxel_in_its_own_lungs_box():
     assert A.LUNGS == ((1, 2), (3, 4, 5))
     bins = lung_bins(mask, A.LUNGS)
     assert np.all(bins[:, :, 6:8] == -1)
-    last = lambda n: (n - 1) * LUNG_BINS // n  # noqa: E731  (the last of n voxels over LUNG_BINS bins)
+
+    def last(n):  # the bin of the last of n voxels over LUNG_BINS bins
+        return (n - 1) * LUNG_BINS // n
+
     assert bins[0, 0, 0].tolist() == [0, 0, 0] and bins[7, 7, 5].tolist() == [last(8), last(8), last(6)]
     assert bins[7, 7, 15].tolist() == [last(8)] * 3 and bins[0, 0, 8].tolist() == [0, 0, 0]
     assert bins[4, 4, 3].tolist() == [4 * LUNG_BINS // 8, 4 * LUNG_BINS // 8, 3 * LUNG_BINS // 6]

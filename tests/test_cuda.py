@@ -88,8 +88,27 @@ def test_a_training_run_with_pinned_memory_and_workers(tmp_path):
     """train.py on the device: pinned host memory (CUDA only), non_blocking copies, 2 workers, bf16, --seg.
     The CPU rehearsal trains in fp32 on every CPU (bf16 training on a CPU: tests/test_precision.py)."""
     amp = ["--amp"] if DEVICE == "cuda" else []
-    train_cli("--device", DEVICE, "--seg", *amp, "--channels-last", "--synthetic-cases", 6, 2, 3,
-              "-b", 2, "-j", 2, "--epochs", 1, "--max-steps", 2, "--output-dir", tmp_path)  # fmt: skip
+    train_cli(
+        "--device",
+        DEVICE,
+        "--seg",
+        *amp,
+        "--channels-last",
+        "--synthetic-cases",
+        6,
+        2,
+        3,
+        "-b",
+        2,
+        "-j",
+        2,
+        "--epochs",
+        1,
+        "--max-steps",
+        2,
+        "--output-dir",
+        tmp_path,
+    )
     rows = (tmp_path / "iterations.csv").read_text().splitlines()
     assert len(rows) == 3 and all("nan" not in r and "inf" not in r for r in rows)
     assert (tmp_path / "seg_report_test.json").exists()
@@ -99,8 +118,12 @@ def test_a_training_run_with_pinned_memory_and_workers(tmp_path):
 def test_torchrun_two_gpus_nccl(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     args = "--seg --amp --synthetic-cases 8 3 5 --epochs 1 -b 2 -j 1 --device cuda".split()
-    result = subprocess.run([*torchrun, "train.py", *args, "--output-dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [*torchrun, "train.py", *args, "--output-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 process(es) x batch 2 = 4" in result.stdout
     assert len((tmp_path / "predictions_test.csv").read_text().splitlines()) == 1 + 5

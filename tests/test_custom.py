@@ -62,9 +62,31 @@ def export(tmp_path_factory):
 
 
 def train_custom(root, out, *extra):
-    flags = ["--dataset", "custom", "--labels", root / "labels.csv", "--region", "chest", "--data-path", root,
-             "--prep-dir", root / "prep", "--seg", "-b", "2", "-j", "0", "--epochs", "1",
-             "--test-fraction", "0.25", "--crop", "16", "32", "32"]  # fmt: skip
+    flags = [
+        "--dataset",
+        "custom",
+        "--labels",
+        root / "labels.csv",
+        "--region",
+        "chest",
+        "--data-path",
+        root,
+        "--prep-dir",
+        root / "prep",
+        "--seg",
+        "-b",
+        "2",
+        "-j",
+        "0",
+        "--epochs",
+        "1",
+        "--test-fraction",
+        "0.25",
+        "--crop",
+        "16",
+        "32",
+        "32",
+    ]
     train_cli(*flags, *extra, "--output-dir", out)
     config = json.loads((out / "config.json").read_text())
     return config["task"], torch.load(out / "checkpoint.pth", weights_only=True)["model"]
@@ -126,14 +148,25 @@ def test_resume_keeps_the_split_and_a_changed_structure_set_is_refused(export, t
         (lambda rows: rows[4].append("1"), r"labels.csv row 5: 5 fields, the header has 4"),
         (lambda rows: rows.insert(2, []) or rows[5].append("1"), r"labels.csv row 5: 5 fields"),  # blank line
         (
-            lambda rows: [r.append(s) for r, s in zip(rows, ["split", "train", "test", *["train"] * 20])]
-            + [rows[2].__setitem__(1, rows[1][1])],
+            lambda rows: (
+                [r.append(s) for r, s in zip(rows, ["split", "train", "test", *["train"] * 20])]
+                + [rows[2].__setitem__(1, rows[1][1])]
+            ),
             r"labels.csv rows 2 and 3: patient PAT000 in both train and test",
         ),
     ],
-    ids=["blank", "not-0-1", "no-such-path", "duplicate", "no-findings", "column-twice", "extra-field",
-         "extra-field-after-a-blank-line", "patient-in-two-splits"],
-)  # fmt: skip
+    ids=[
+        "blank",
+        "not-0-1",
+        "no-such-path",
+        "duplicate",
+        "no-findings",
+        "column-twice",
+        "extra-field",
+        "extra-field-after-a-blank-line",
+        "patient-in-two-splits",
+    ],
+)
 def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, message):
     rows = list(csv.reader(open(export / "labels.csv")))
     edit(rows)
@@ -141,8 +174,18 @@ def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, messag
     with open(bad, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     with pytest.raises(SystemExit, match=message.replace("labels.csv", bad.name)):
-        train_cli("--dataset", "custom", "--labels", bad, "--region", "chest", "--data-path", export,
-                  "--output-dir", tmp_path / "run")  # fmt: skip
+        train_cli(
+            "--dataset",
+            "custom",
+            "--labels",
+            bad,
+            "--region",
+            "chest",
+            "--data-path",
+            export,
+            "--output-dir",
+            tmp_path / "run",
+        )
     assert not (tmp_path / "run" / "split.csv").exists()
 
 
@@ -160,8 +203,18 @@ def test_a_labels_csv_that_is_not_utf8_is_named(export, tmp_path):
         (export / "labels.csv").read_bytes().replace(b"pneumothorax", "pneumothorax_é".encode("latin-1"))
     )
     with pytest.raises(SystemExit, match=r"latin1.csv: not UTF-8 text \(byte \d+\); save it as UTF-8"):
-        train_cli("--dataset", "custom", "--labels", bad, "--region", "chest", "--data-path", export,
-                  "--output-dir", tmp_path / "run")  # fmt: skip
+        train_cli(
+            "--dataset",
+            "custom",
+            "--labels",
+            bad,
+            "--region",
+            "chest",
+            "--data-path",
+            export,
+            "--output-dir",
+            tmp_path / "run",
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -216,16 +269,46 @@ def test_masks_of_another_segmenter_train_with_its_class_names(tmp_path):
         rows.append([f"scan{i}", f"p{i}", i % 2, (i // 2) % 2])
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([["case_id", "patient_id", "a", "b"], *rows])
-    make_masks_cli("--src", root / "ct", "--dst", root / "prep", "--from-masks", root / "segmentations",
-                   "--label-map", root / "label_map.json")  # fmt: skip
+    make_masks_cli(
+        "--src",
+        root / "ct",
+        "--dst",
+        root / "prep",
+        "--from-masks",
+        root / "segmentations",
+        "--label-map",
+        root / "label_map.json",
+    )
     assert prep.read_scheme(root / "prep")[:2] == ("label_map", {int(k): v for k, v in table.items()})
     header = (root / "prep" / "masks_summary.csv").read_text().splitlines()[0]
     assert all(f"{name}_ml" in header for name in table.values())  # QC covers every class of the scheme
-    common = ["--dataset", "custom", "--labels", root / "labels.csv", "--region", "abdomen", "--data-path",
-              root, "--seg", "-b", "2", "-j", "0", "--epochs", "1", "--crop", 16, 32, 32,
-              "--test-fraction", "0.25"]  # fmt: skip
-    for spec, names in (("paper", ["liver", "spleen", "kidney_left", "kidney_right", "bowel"]),
-                        ("liver,rest=spleen+bowel", ["liver", "rest"])):  # fmt: skip
+    common = [
+        "--dataset",
+        "custom",
+        "--labels",
+        root / "labels.csv",
+        "--region",
+        "abdomen",
+        "--data-path",
+        root,
+        "--seg",
+        "-b",
+        "2",
+        "-j",
+        "0",
+        "--epochs",
+        "1",
+        "--crop",
+        16,
+        32,
+        32,
+        "--test-fraction",
+        "0.25",
+    ]
+    for spec, names in (
+        ("paper", ["liver", "spleen", "kidney_left", "kidney_right", "bowel"]),
+        ("liver,rest=spleen+bowel", ["liver", "rest"]),
+    ):
         train_cli(*common, "--structures", spec, "--output-dir", tmp_path / spec)
         task = json.loads((tmp_path / spec / "config.json").read_text())["task"]
         assert task["structures"] == names and task["scheme"].startswith("make_masks scheme=label_map")

@@ -352,15 +352,31 @@ def test_any_injury_is_one_minus_product_of_healthy():
 
 
 def test_ratic_loss_uses_the_paper_sample_weights(monkeypatch):
-    logits = torch.tensor([[0.5, -1.0, 1.0, 0.0, -1.0, 0.2, 0.1, 0.3, -0.5, 0.5, 0.0],
-                           [-2.0, 0.3, 0.0, 1.0, 0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 2.0]])  # fmt: skip
+    logits = torch.tensor(
+        [
+            [0.5, -1.0, 1.0, 0.0, -1.0, 0.2, 0.1, 0.3, -0.5, 0.5, 0.0],
+            [-2.0, 0.3, 0.0, 1.0, 0.5, 1.0, -1.0, 0.0, 0.0, 0.0, 2.0],
+        ]
+    )
     # case 0: bowel injury, extravasation, kidney high, liver healthy, spleen low; case 1: all healthy
-    columns = {"bowel_injury": [1, 0], "extravasation_injury": [1, 0], "kidney_high": [1, 0],
-               "kidney_healthy": [0, 1], "liver_healthy": [1, 1], "spleen_low": [1, 0],
-               "spleen_healthy": [0, 1], "any_injury": [1, 0]}  # fmt: skip
+    columns = {
+        "bowel_injury": [1, 0],
+        "extravasation_injury": [1, 0],
+        "kidney_high": [1, 0],
+        "kidney_healthy": [0, 1],
+        "liver_healthy": [1, 1],
+        "spleen_low": [1, 0],
+        "spleen_healthy": [0, 1],
+        "any_injury": [1, 0],
+    }
     y = torch.tensor([[columns.get(c, [0, 0])[i] for c in labels.RATIC_COLUMNS] for i in range(2)]).float()
-    bce = lambda z, y: math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))  # noqa: E731
-    ce = lambda z, k: math.log(sum(math.exp(v) for v in z)) - z[k]  # noqa: E731
+
+    def bce(z, y):
+        return math.log1p(math.exp(-z)) if y else math.log1p(math.exp(z))
+
+    def ce(z, k):
+        return math.log(sum(math.exp(v) for v in z)) - z[k]
+
     bowel = (2 * bce(0.5, 1) + 1 * bce(-2.0, 0)) / 3
     extravasation = (6 * bce(-1.0, 1) + 1 * bce(0.3, 0)) / 7
     kidney = (4 * ce([1.0, 0.0, -1.0], 2) + 1 * ce([0.0, 1.0, 0.5], 0)) / 5

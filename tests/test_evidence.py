@@ -85,8 +85,12 @@ def test_explain_and_features_of_one_ct_for_every_backbone(arch, tmp_path):
     train_cli(*flags.split(), "--output-dir", tmp_path / "run")
     ct, *_ = synthetic.make_phantom(np.random.default_rng(0), (20, 40, 40))
     nib.save(nib.Nifti1Image(ct.transpose(2, 1, 0), np.diag([1.5, 1.5, 3.0, 1])), tmp_path / "scan.nii.gz")
-    probs = predict.predict(str(tmp_path / "scan.nii.gz"), str(tmp_path / "run" / "checkpoint.pth"),
-                            explain=str(tmp_path / "explain"), features=str(tmp_path / "f.npz"))  # fmt: skip
+    probs = predict.predict(
+        str(tmp_path / "scan.nii.gz"),
+        str(tmp_path / "run" / "checkpoint.pth"),
+        explain=str(tmp_path / "explain"),
+        features=str(tmp_path / "f.npz"),
+    )
     saved = np.load(tmp_path / "f.npz")
     assert saved["features"].shape == ((512,) if arch == "r3d" else (768,))
     np.testing.assert_allclose(saved["probabilities"], list(probs.values()), rtol=1e-6)

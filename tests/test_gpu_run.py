@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_run_smoke_rehearsal(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "GPU_RUN_SECONDS": "2400"}
     env.pop("REHEARSE_CUDA_ON_CPU", None)
-    result = subprocess.run(["bash", "bench/gpu_run.sh", str(tmp_path / "out"), "--smoke"], cwd=ROOT, env=env,
-                            capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "bench/gpu_run.sh", str(tmp_path / "out"), "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     stages = (tmp_path / "out" / "stages.txt").read_text()
     for stage in ("1_cuda_tests", "2_bench", "3_study"):
@@ -22,7 +27,10 @@ def test_gpu_run_smoke_rehearsal(tmp_path):
     assert "2b_masks: rc 0 " in stages or "2b_masks: skipped, TotalSegmentator" in stages
     with tarfile.open(tmp_path / "out" / "gpu_run.tar.gz") as tar:
         names = {Path(n).as_posix().lstrip("./") for n in tar.getnames()}
-        read = lambda name: tar.extractfile("./" + name).read().decode()  # noqa: E731
+
+        def read(name):
+            return tar.extractfile("./" + name).read().decode()
+
         assert "passed" in read("1_cuda_tests.txt") and "failed" not in read("1_cuda_tests.txt")
         bench = read("2_bench.txt")  # bench.py --gpu --tiny on the CPU: every model, seg and chunk ratio
         assert bench.count("w/ / plain: step time") == 3 and bench.count("w/ chunk 8 / plain: step time") == 3

@@ -104,8 +104,14 @@ def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
     assert report["cases"] == 5 and report["train_masks"] == 12 and report["grid"] == list(grid)
 
 
-LOBES = ("lung_upper_lobe_left", "lung_lower_lobe_left", "lung_upper_lobe_right", "lung_middle_lobe_right",
-         "lung_lower_lobe_right", "heart")  # fmt: skip
+LOBES = (
+    "lung_upper_lobe_left",
+    "lung_lower_lobe_left",
+    "lung_upper_lobe_right",
+    "lung_middle_lobe_right",
+    "lung_lower_lobe_right",
+    "heart",
+)
 
 
 def lungs_at(shift, fissure=0.5, shape=(8, 8, 16)):
@@ -136,8 +142,23 @@ def test_the_lungs_only_map_knows_each_cases_lungs_but_not_its_lobes():
 
 
 def test_a_head_trained_for_a_few_steps_is_reported_at_the_floor(tmp_path, capsys):
-    train_cli("--seg", "--synthetic-cases", 6, 2, 3, "-b", 2, "-j", 0, "--epochs", 1, "--max-steps", 3,
-              "--output-dir", tmp_path)  # fmt: skip
+    train_cli(
+        "--seg",
+        "--synthetic-cases",
+        6,
+        2,
+        3,
+        "-b",
+        2,
+        "-j",
+        0,
+        "--epochs",
+        1,
+        "--max-steps",
+        3,
+        "--output-dir",
+        tmp_path,
+    )
     report = evaluate.utils.read_json(tmp_path / "seg_report_test.json")
     rows = report["rows"]
     head, floor = rows["seg head"], rows["average anatomy, head's grid"]

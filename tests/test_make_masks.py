@@ -198,9 +198,15 @@ def write_ctrate_original(example_case, intercept, name="train_1_a_1"):
     nib.save(nib.Nifti1Image(raw, np.eye(4)), example_case / "raw" / f"{name}.nii.gz")
     lps = np.diag([-1, -1, 1, 1]) @ source.affine
     orientation = (np.concatenate([lps[:3, 0], lps[:3, 1]]) / 3).tolist()
-    row = {"VolumeName": f"{name}.nii.gz", "RescaleSlope": "1", "RescaleIntercept": str(intercept),
-           "XYSpacing": "[3.0, 3.0]", "ZSpacing": "3.0", "ImagePositionPatient": str(lps[:3, 3].tolist()),
-           "ImageOrientationPatient": str(orientation)}  # fmt: skip
+    row = {
+        "VolumeName": f"{name}.nii.gz",
+        "RescaleSlope": "1",
+        "RescaleIntercept": str(intercept),
+        "XYSpacing": "[3.0, 3.0]",
+        "ZSpacing": "3.0",
+        "ImagePositionPatient": str(lps[:3, 3].tolist()),
+        "ImageOrientationPatient": str(orientation),
+    }
     with open(example_case / "train_metadata.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(row))
         writer.writeheader()
@@ -288,8 +294,15 @@ def test_one_prep_folder_holds_one_scheme_and_a_foreign_folder_is_refused(exampl
     run_example(example_case)
     (tmp_path / "ratic.json").write_text(json.dumps({"1": "liver", "2": "spleen"}))
     with pytest.raises(SystemExit, match=r"labels.json: this folder holds masks of scheme 'totalseg_total'"):
-        run(example_case / "src", example_case / "out", "abdomen", "--from-masks", example_case / "ts",
-            "--label-map", tmp_path / "ratic.json")  # fmt: skip
+        run(
+            example_case / "src",
+            example_case / "out",
+            "abdomen",
+            "--from-masks",
+            example_case / "ts",
+            "--label-map",
+            tmp_path / "ratic.json",
+        )
     (example_case / "out" / "labels.json").unlink()
     with pytest.raises(
         SystemExit, match=r"labels.json is missing: .* not a folder of this make_masks.py.*--dst"

@@ -153,8 +153,9 @@ def test_torn_or_compressed_volumes_are_refused(prep):
 
 def test_volume_smaller_than_the_crop_is_padded():
     ct, mask, *_ = synthetic.make_phantom(np.random.default_rng(0), (10, 20, 16))
-    dataset = data.CTDataset(["tiny"], [(ct, mask)], np.zeros((1, 5)), (40, 60, 60), (32, 48, 48), train=True,
-                             with_mask=True)  # fmt: skip
+    dataset = data.CTDataset(
+        ["tiny"], [(ct, mask)], np.zeros((1, 5)), (40, 60, 60), (32, 48, 48), train=True, with_mask=True
+    )
     sample = dataset[0]
     assert sample["ct"].shape == (1, 32, 48, 48) and sample["mask"].shape == (32, 48, 48)
     assert (sample["ct"] == AIR_HU).sum() == 32 * 48 * 48 - ct.size + (ct == AIR_HU).sum()
@@ -338,10 +339,12 @@ def test_resume_removes_the_temporaries_of_a_killed_checkpoint_writer(tmp_path, 
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["-b", "0"], "--batch-size 0: must be at least 1"),
-     (["--synthetic-cases", "4", "0", "2"], "--synthetic-cases 4 0 2: must be at least 1"),
-     (["--epochs", "0"], "--epochs 0: must be at least 1")],
-)  # fmt: skip
+    [
+        (["-b", "0"], "--batch-size 0: must be at least 1"),
+        (["--synthetic-cases", "4", "0", "2"], "--synthetic-cases 4 0 2: must be at least 1"),
+        (["--epochs", "0"], "--epochs 0: must be at least 1"),
+    ],
+)
 def test_impossible_numbers_end_in_one_line_before_anything_is_written(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
         train_cli(*SMALL, *flags, "--output-dir", tmp_path / "run")
@@ -387,8 +390,10 @@ def test_predict_ends_in_one_line_for_each_unreadable_ct_or_checkpoint(tmp_path,
     (tmp_path / "cut.pth").write_bytes(checkpoint.read_bytes()[:5000])
     (tmp_path / "empty.pth").write_bytes(b"")
     torch.save({"state_dict": {"w": torch.zeros(2)}}, tmp_path / "foreign.pth")
-    cases = [(name, checkpoint, f"{name}: cannot read it as ") for name in
-             ("cut.nii.gz", "no_extension", "junk.npz", "no_ct.npz", "series")]  # fmt: skip
+    cases = [
+        (name, checkpoint, f"{name}: cannot read it as ")
+        for name in ("cut.nii.gz", "no_extension", "junk.npz", "no_ct.npz", "series")
+    ]
     cases[2] = ("junk.npz", checkpoint, "pickled")  # numpy refuses it as pickled data, in its own words
     cases += [
         ("good.nii.gz", tmp_path / name, f"{name}: not a") for name in ("cut.pth", "empty.pth", "foreign.pth")

@@ -107,3 +107,17 @@ def test_no_sys_exit_below_the_scripts(name):
         calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and ast.unparse(n.func) == "sys.exit"]
         raises = [n for n in ast.walk(tree) if isinstance(n, ast.Raise) and "SystemExit" in ast.unparse(n)]
         assert not calls and not raises, path
+
+
+@pytest.mark.parametrize("script", ["train", "evaluate", "make_masks"])
+def test_each_flag_is_declared_once_as_a_settings_field(script):
+    """The scripts' flags come from their Settings dataclass (utils.flag): no second declaration in a
+    parser, and every flag sets the field of its name."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module(script)
+    assert "add_argument" not in (ROOT / f"{script}.py").read_text()
+    flagged = [f.name for f in dataclasses.fields(module.Settings) if "argparse" in f.metadata]
+    actions = [a for a in module.get_args_parser()._actions if a.dest != "help"]
+    assert [a.dest for a in actions] == flagged

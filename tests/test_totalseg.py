@@ -68,8 +68,18 @@ def test_make_masks_engines_write_identical_masks(standin, tmp_path):
     nib.save(lps(nib.load(EXAMPLE / "example_ct_sm.nii.gz")), src / "flipped.nii.gz")
     shutil.copytree(EXAMPLE / "example_ct_dicom", src / "patient7" / "series3")
     for engine in ("predictor", "totalsegmentator"):
-        make_masks_cli("--src", src, "--dst", tmp_path / engine, "--region", "abdomen", "--device", "cpu",
-                       "--engine", engine)  # fmt: skip
+        make_masks_cli(
+            "--src",
+            src,
+            "--dst",
+            tmp_path / engine,
+            "--region",
+            "abdomen",
+            "--device",
+            "cpu",
+            "--engine",
+            engine,
+        )
     for case in ("example", "flipped", "patient7_series3"):
         masks = [
             nib.load(tmp_path / engine / "mask" / f"{case}.nii")

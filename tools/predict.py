@@ -75,8 +75,14 @@ def write_features(path, model, x, logits, probs, task):
         features = model.backbone(x).mean(dim=(2, 3, 4))[0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with utils.atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, features=features.numpy(), logits=logits[0].numpy(), probabilities=np.array(probs),
-                 outputs=np.array(output_names(task)), classes=np.array(task.classes))  # fmt: skip
+        np.savez(
+            f,
+            features=features.numpy(),
+            logits=logits[0].numpy(),
+            probabilities=np.array(probs),
+            outputs=np.array(output_names(task)),
+            classes=np.array(task.classes),
+        )
 
 
 def predict(ct_path, checkpoint_path, explain=None, features=None):

@@ -127,8 +127,13 @@ def measure(run_folder, cases=20, batch_size=10, iterations=20, alphas=(0.02, 0.
     params = [p for n, p in model.named_parameters() if not n.startswith("seg_head.")]
     lam, estimates = max_eigenvalue(model, params, batches, task.kind, iterations)
     loss = float(loss_on(model, batches, task.kind).detach())
-    result = {"checkpoint": name, "cases": sum(len(x) for x, _ in batches), "loss": loss, "lambda_max": lam,
-              "power_iterations": estimates}  # fmt: skip
+    result = {
+        "checkpoint": name,
+        "cases": sum(len(x) for x, _ in batches),
+        "loss": loss,
+        "lambda_max": lam,
+        "power_iterations": estimates,
+    }
     for alpha in alphas:
         mean, each = perturbation_increase(model, params, batches, task.kind, alpha, draws)
         result[f"increase_{alpha:g}"], result[f"increases_{alpha:g}"] = mean, each
@@ -154,8 +159,10 @@ def main(args):
         r = measure(run, args.cases, iterations=max(2, args.iterations), alphas=args.alphas, draws=args.draws)
         change = abs(r["power_iterations"][-1] - r["power_iterations"][-2]) / max(abs(r["lambda_max"]), 1e-12)
         increases = "  ".join(f"increase({a:g}) {r[f'increase_{a:g}']:.4g}" for a in args.alphas)
-        print(f"{run}: loss {r['loss']:.4f}  lambda_max {r['lambda_max']:.4g} (the last iteration changed it "
-              f"by {100 * change:.2f}%)  {increases}")  # fmt: skip
+        print(
+            f"{run}: loss {r['loss']:.4f}  lambda_max {r['lambda_max']:.4g} (the last iteration changed it "
+            f"by {100 * change:.2f}%)  {increases}"
+        )
 
 
 if __name__ == "__main__":

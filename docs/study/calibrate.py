@@ -72,10 +72,15 @@ def main():
         level = queue.pop(0)
         aucs = run_level(*level, args.out)
         ok = meets_rule(aucs)
-        rows.append([level[0], level[1]["radius"], level[1]["decoy_probability"], level[2], ok]
-                    + [f"{aucs[c]:.4f}" for c in LOCALISED + GLOBAL])  # fmt: skip
-        utils.write_csv(args.out / "calibration.csv", ["level", "radius", "decoy", "epochs", "meets_rule",
-                                                       *LOCALISED, *GLOBAL], rows)  # fmt: skip
+        rows.append(
+            [level[0], level[1]["radius"], level[1]["decoy_probability"], level[2], ok]
+            + [f"{aucs[c]:.4f}" for c in LOCALISED + GLOBAL]
+        )
+        utils.write_csv(
+            args.out / "calibration.csv",
+            ["level", "radius", "decoy", "epochs", "meets_rule", *LOCALISED, *GLOBAL],
+            rows,
+        )
         print(
             f"level {level[0]}: {level[1]}, {level[2]} epochs -> validation AUC "
             + ", ".join(f"{c} {100 * aucs[c]:.1f}" for c in LOCALISED + GLOBAL)

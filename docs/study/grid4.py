@@ -133,8 +133,10 @@ def score_localisation(folder):
     test = synthetic.phantoms("test", n_test, pad=task.pad, variant=config["synthetic_variant"])
     for i, (ct, mask, labels, findings) in enumerate(test):
         starts = data.window_start(ct.shape, task.pad, task.crop)
-        crop = [np.ascontiguousarray(data.read_window(v, starts, task.crop, fill))
-                for v, fill in ((ct, AIR_HU), (mask, 0), (findings, 0))]  # fmt: skip
+        crop = [
+            np.ascontiguousarray(data.read_window(v, starts, task.crop, fill))
+            for v, fill in ((ct, AIR_HU), (mask, 0), (findings, 0))
+        ]
         x = data.normalize(torch.from_numpy(crop[0])[None, None].to(device), task.window)
         with torch.autocast(device.type, torch.bfloat16, enabled=config["amp"]):
             maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
@@ -180,11 +182,22 @@ def localisation_table(seeds, resamples=2000, seed=0):
             delta = seg - base
             boot = [delta[rng.integers(0, len(delta), len(delta))].mean() for _ in range(resamples)]
             low, high = np.percentile(boot, [2.5, 97.5])
-            lines.append(f"{name:<26}{score:<15}{base.mean():9.3f}{seg.mean():9.3f}{delta.mean():+9.3f}  "
-                         f"[{low:+.3f}, {high:+.3f}]  {int(keep.sum()):>5}")  # fmt: skip
-            records.append(dict(finding=name, score=score, base=base.mean(), seg=seg.mean(),
-                                delta=delta.mean(), ci=[low, high], cases=int(keep.sum()),
-                                per_seed={a: arms[a][:, keep].mean(1).tolist() for a in ARMS}))  # fmt: skip
+            lines.append(
+                f"{name:<26}{score:<15}{base.mean():9.3f}{seg.mean():9.3f}{delta.mean():+9.3f}  "
+                f"[{low:+.3f}, {high:+.3f}]  {int(keep.sum()):>5}"
+            )
+            records.append(
+                dict(
+                    finding=name,
+                    score=score,
+                    base=base.mean(),
+                    seg=seg.mean(),
+                    delta=delta.mean(),
+                    ci=[low, high],
+                    cases=int(keep.sum()),
+                    per_seed={a: arms[a][:, keep].mean(1).tolist() for a in ARMS},
+                )
+            )
     return "\n".join(lines), records
 
 
@@ -204,7 +217,6 @@ def endpoint_table(seeds, resamples=2000, seed=0):
         (a, s): read_predictions(str(OUT / f"{a}_s{s}" / "predictions_test.csv")) for a in ARMS for s in seeds
     }
     y, classes = runs[ARMS[0], seeds[0]]["y_true"], runs[ARMS[0], seeds[0]]["classes"]
-    pct = lambda low, high: f"[{100 * low:+.2f}, {100 * high:+.2f}]"  # noqa: E731
     lines = [f"{'AUC':<26}{'Δ':>7}  {'CI, cases':<18}{'CI, two-level':<18}per-seed Δ; t-interval"]
     records = []
     for name in (*LOCALISED, "macro"):
@@ -219,8 +231,8 @@ def endpoint_table(seeds, resamples=2000, seed=0):
         interval = seed_interval(per_seed)
         positive = f"{sum(d > 0 for d in per_seed)}/{len(seeds)} > 0"
         each = ", ".join(f"{100 * d:+.2f}" for d in per_seed)
-        cells = f"{100 * delta:+7.2f}  {pct(low, high):<18}{pct(low2, high2):<18}"
-        lines.append(f"{name:<26}{cells}{each} ({positive}); {pct(*interval)}")
+        cells = f"{100 * delta:+7.2f}  {compare.ci(low, high):<18}{compare.ci(low2, high2):<18}"
+        lines.append(f"{name:<26}{cells}{each} ({positive}); {compare.ci(*interval)}")
         record = dict(endpoint=name, delta=delta, ci_cases=[low, high], p_cases=p, per_seed=per_seed)
         records.append(dict(record, ci_two_level=[low2, high2], p_two_level=p2, t_interval=list(interval)))
     return "\n".join(lines), records
