@@ -2,8 +2,9 @@
 
 Arrays are (D, H, W) = (z, y, x) of a RAS-oriented volume (the paper writes sizes x × y × z: ctkit/regions).
 Per sample the loader only copies an int16 window out of the stored volume (and the same window of the
-mask); clipping and scaling to [-1, 1] happen on the training device (`normalize`). "Pad/crop to P, then a
-random (train) or centre (eval) crop of C" is one window into the volume, padded where it leaves it.
+mask); clipping and scaling to [-1, 1] happen on the training device (`ctkit/ct_io.normalize`), and so does
+the --structures lookup (`CTDataset.seg_classes`). "Pad/crop to P, then a random (train) or centre (eval)
+crop of C" is one window into the volume, padded where it leaves it.
 
 Labels come from the files each dataset distributes (ctkit/labels.py); volumes and masks from the prepared
 folder make_masks.py writes (ctkit/prep.py). `synthetic` is the phantom dataset of ctkit/synthetic.py, in
@@ -137,12 +138,6 @@ def anatomy(spec, source, region, with_mask=True):
             raise
         return paper_by_name(region)
     return Anatomy(names, ids, stamp, structures.lookup_table(ids, table))
-
-
-def normalize(ct, window):
-    """Clip HU to the window and min-max scale to [-1, 1]; runs on whatever device `ct` is on."""
-    lo, hi = window
-    return (ct.float().clamp(lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
 
 
 def window_start(shape, pad_size, crop_size, rng=None):

@@ -1,4 +1,4 @@
-"""Metrics of one run's predictions (paper A.5, Tables 6-9), and the model run over an evaluation split.
+"""Metrics of one run's predictions (paper A.5, Tables 6-9), and several runs side by side (Table 1).
 
 Per class: AUC-ROC; a ROC-optimal threshold (Youden's J = max(sensitivity + specificity - 1) by default,
 chosen on the evaluated set, or on the run's validation predictions with --thresholds-from val); at that
@@ -17,24 +17,14 @@ import math
 import os
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score, roc_curve
 
 import data
-from ctkit import compare, evidence, precision, prep, utils
-from ctkit.labels import ABBREVIATIONS, read_predictions, write_predictions
-from ctkit.learning_report import (
-    MAX_TRAIN_MASKS,
-    floors,
-    format_report,
-    learning_report,
-    lungs_of,
-    short_name,
-    structure_dice,
-)
+from ctkit import compare, evidence, inference, prep, utils
+from ctkit.labels import ABBREVIATIONS, read_predictions
+from ctkit.learning_report import format_report
 from ctkit.utils import BadInput
-from model import build_model, probabilities
+from model import build_model
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
 
@@ -81,115 +71,6 @@ def compute_metrics(y_true, y_prob, class_names, method="youden", thresholds=Non
     return rows, macro, skipped
 
 
-def dice_counts(pred, target, num_labels):
-    """Per case and foreground structure: (intersection, predicted, true) voxels, (B, num_labels - 1, 3)."""
-    counts = []
-    for label in range(1, num_labels):
-        p, t = pred == label, target == label
-        counts.append(torch.stack([(p & t).sum((1, 2, 3)), p.sum((1, 2, 3)), t.sum((1, 2, 3))], 1))
-    return torch.stack(counts, 1)
-
-
-def dice_summary(counts, structures):
-    """Mean per-case Dice of each structure over the cases that contain it; counts (N, S, 3)."""
-    present = (np.asarray(counts)[:, :, 2] > 0).sum(0)
-    dice = structure_dice(counts, structures)
-    summary = {name: {"dice": dice[name], "cases": int(n)} for name, n in zip(structures, present)}
-    summary["mean"] = {"dice": dice["mean"], "cases": len(counts)}
-    return summary
-
-
-# ----------------------------------------------------------------------------- a model over a split
-
-
-@torch.no_grad()
-def for_each_case(model, loader, task, amp, fn, empty):
-    """fn(ct, batch) -> one row per case, for every case of the loader's dataset exactly once across
-    processes, in case order; `empty`: a zero-row tensor of fn's shape and type (for a process without
-    cases)."""
-    model.eval()
-    device = next(model.parameters()).device
-    indices, rows = [torch.zeros(0, dtype=torch.long)], [empty]
-    for batch in loader:
-        ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)
-        with torch.autocast(device.type, precision.amp_dtype(device), enabled=amp):
-            rows.append(fn(ct, batch).cpu())
-        indices.append(batch["index"])
-    return utils.gather_cases(indices, rows, len(loader.dataset))
-
-
-def predict_split(model, loader, task, amp=False):
-    """Class probabilities (N, K) of the deployed classifier: model(x), no segmentation head."""
-
-    def fn(ct, batch):
-        return probabilities(model(ct).float(), task)
-
-    return for_each_case(model, loader, task, amp, fn, torch.zeros(0, len(task.classes)))
-
-
-def seg_split(model, loader, task, amp=False):
-    """Per case, the seg head on the centre crop: its cross-entropy summed over the crop's voxels (eq. 3, the
-    logits upsampled trilinearly) and per structure (intersection, predicted, true) voxels of its argmax:
-    numpy ((N,) float64, (N, S, 3) int64)."""
-    n = len(task.structures)
-
-    def fn(ct, batch):
-        seg_logits = model.seg_head(model.backbone(ct)).float()  # (B, S, d, h, w)
-        rows = []
-        targets = loader.dataset.seg_classes(batch["mask"].to(ct.device), batch["index"]).long()
-        for logits, target in zip(seg_logits, targets):  # one full map at a time
-            full = F.interpolate(logits[None], size=target.shape, mode="trilinear")  # (1, S, D, H, W)
-            ce = F.cross_entropy(full, target[None], reduction="sum").double()
-            counts = dice_counts(full.argmax(1), target[None], n + 1)[0]
-            rows.append(torch.cat([ce[None], counts.flatten().double()]))
-        return torch.stack(rows)
-
-    rows = for_each_case(model, loader, task, amp, fn, torch.zeros(0, 1 + 3 * n, dtype=torch.float64))
-    return rows[:, 0], rows[:, 1:].reshape(-1, n, 3).astype(np.int64)
-
-
-def evidence_split(model, loader, task, amp=False):
-    """Per case and output, the share of its positive evidence (ctkit/evidence.py: eq. 1's linear head at
-    every feature voxel, upsampled to the crop) inside each seg structure of the case's mask and outside all
-    of them: numpy (N, outputs, structures + 1)."""
-    n, outputs = len(task.structures), model.head.out_features
-
-    def fn(ct, batch):
-        maps = evidence.evidence_maps(model, ct)  # (B, K, d, h, w)
-        masks = loader.dataset.seg_classes(batch["mask"], batch["index"])
-        rows = [
-            evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
-            for m, mask in zip(maps, masks)
-        ]
-        return torch.from_numpy(np.stack(rows)).flatten(1)
-
-    empty = torch.zeros(0, outputs * (n + 1), dtype=torch.float64)
-    return for_each_case(model, loader, task, amp, fn, empty).reshape(-1, outputs, n + 1)
-
-
-def evidence_by_anatomy(shares, labels, task):
-    """{finding: {"positives": n, structure: mean share over its positive cases, ..., "outside": ...}}."""
-    table = {}
-    for k, name in enumerate(task.classes):
-        positive = labels[:, k] == 1
-        means = shares[positive, k].mean(0) if positive.any() else np.full(shares.shape[2], np.nan)
-        table[name] = {
-            "positives": int(positive.sum()),
-            **dict(zip([*task.structures, "outside"], means.tolist())),
-        }
-    return table
-
-
-def format_evidence(table, title):
-    columns = list(next(iter(table.values())))[1:]
-    head = f"{'finding':<28}{'pos':>5}" + "".join(f"{short_name(c):>13}" for c in columns)
-    lines = [title, head, "-" * len(head)]
-    for name, row in table.items():
-        label = f"{ABBREVIATIONS.get(name, '')} {name}".strip()[:27]
-        lines.append(f"{label:<28}{row['positives']:>5}" + "".join(f"{row[c]:13.3f}" for c in columns))
-    return "\n".join(lines)
-
-
 def run_evidence(folder):
     """python evaluate.py RUN --evidence: the run's evaluated checkpoint over its test split with the masks;
     writes evidence_by_anatomy_test.{json,csv} and prints the table."""
@@ -213,7 +94,8 @@ def run_evidence(folder):
         raise BadInput(f"{source.prep_dir}: its {prep.SCHEME} is not the label scheme the run was trained on")
     test = data.build_datasets(task, source, config["seed"], True, anatomy.lut)["test"]
     loader = data.make_loader(test, False, batch_size=4)
-    table = evidence_by_anatomy(evidence_split(model.eval(), loader, task), test.labels, task)
+    shares = inference.evidence_split(model.eval(), loader, task)
+    table = evidence.evidence_by_anatomy(shares, test.labels, task)
     utils.write_json(os.path.join(folder, "evidence_by_anatomy_test.json"), table)
     header = ["finding", *next(iter(table.values()))]
     rows = [[f, *row.values()] for f, row in table.items()]
@@ -222,54 +104,8 @@ def run_evidence(folder):
     title = (
         f"{folder} ({config['model']} {seg} seg, {name}): share of the positive evidence in each structure"
     )
-    print(format_evidence(table, title + ", mean over the finding's positive test cases"))
+    print(evidence.format_evidence(table, title + ", mean over the finding's positive test cases"))
     return table
-
-
-def write_outputs(model, loaders, task, folder, seg=False, amp=False, train_set=None, bound=False):
-    """Predictions (and the seg head's Dice and learning report) of every evaluation split, then their
-    metrics tables. The report's floors come from train_set's masks; bound: also the per-case bound (test)."""
-    report_floors = None
-    for name, loader in loaders.items():
-        y_prob = predict_split(model, loader, task, amp)
-        ce, counts = seg_split(model, loader, task, amp) if seg else (None, None)
-        if utils.get_rank() == 0:
-            path, ds = os.path.join(folder, f"predictions_{name}.csv"), loader.dataset
-            write_predictions(path, ds.case_ids, ds.labels, y_prob, task.classes, ds.groups)
-            if seg:  # did the auxiliary branch learn the anatomy? Dice on the centre crops
-                dice_path = os.path.join(folder, f"dice_{name}.json")
-                utils.write_json(dice_path, dice_summary(counts, task.structures))
-            if (
-                seg and train_set is not None
-            ):  # ... beyond where organs usually lie? (ctkit/learning_report.py)
-                grid, device, n = (
-                    head_grid(model, task),
-                    next(model.parameters()).device,
-                    len(task.structures),
-                )
-                train_masks = data.centre_masks(train_set, MAX_TRAIN_MASKS)
-                lungs = lungs_of(task.structures)
-                report_floors = report_floors or floors(train_masks, grid, n + 1, device, lungs)
-                head, masks, bound_here = (
-                    (float(ce.sum()), counts),
-                    list(data.centre_masks(ds)),
-                    bound and name == "test",
-                )
-                report = learning_report(
-                    head, report_floors, masks, grid, task.structures, bound_here, device
-                )
-                utils.write_json(os.path.join(folder, f"seg_report_{name}.json"), report)
-    if utils.get_rank() == 0:
-        if "val" in loaders:  # its thresholds are the ones predict.py applies to new cases
-            evaluate_predictions(os.path.join(folder, "predictions_val.csv"), quiet=True)
-        evaluate_predictions(os.path.join(folder, "predictions_test.csv"))
-
-
-@torch.no_grad()
-def head_grid(model, task):
-    """The (d, h, w) of the backbone's last feature map for the task's crop (one forward pass on zeros)."""
-    device = next(model.parameters()).device
-    return tuple(model.backbone(torch.zeros(1, 1, *task.crop, device=device)).shape[2:])
 
 
 def format_table(rows, macro, skipped, threshold_note):

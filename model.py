@@ -186,15 +186,6 @@ def probabilities(logits, task):
     return torch.stack([probs[c] for c in task.classes], 1)
 
 
-@torch.no_grad()
-def segment(model, x):
-    """Label map (B, D, H, W): the seg head's upsampled argmax, to report its Dice (never to classify)."""
-    seg_logits = model.seg_head(model.backbone(x)).float()
-    return torch.cat(
-        [F.interpolate(s[None], size=x.shape[2:], mode="trilinear").argmax(1) for s in seg_logits]
-    )
-
-
 # ----------------------------------------------------------------------------- RATIC (eq. 2, eq. 5)
 
 RATIC_BINARY = ("bowel", "extravasation")  # sigmoid P(injury)

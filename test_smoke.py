@@ -16,7 +16,8 @@ import data
 import evaluate
 import model
 import train
-from ctkit import synthetic, utils
+from ctkit import ct_io, inference, synthetic, utils
+from ctkit.labels import read_predictions, write_predictions
 from ctkit.regions import REGIONS
 from model import ARCHS, Backbone, CTClassifier, torchvision_model
 
@@ -74,7 +75,7 @@ def test_seg_head_only_when_asked():
     loss, cls_loss, seg_loss = model.Objective(seg.train(), "multilabel")(x, torch.ones(2, 3), mask)
     assert seg_loss.ndim == 0 and seg_loss > 0 and torch.isclose(loss, cls_loss + seg_loss)
     assert seg(x).shape == (2, 3)
-    assert model.segment(seg, x).shape == (2, 32, 32, 32)  # a label map from the 2x2x2 feature map
+    assert inference.segment(seg, x).shape == (2, 32, 32, 32)  # a label map from the 2x2x2 feature map
     seg.eval()
     with torch.no_grad():  # inference is exactly the plain classifier: one tensor, the seg head never runs
         torch.testing.assert_close(seg(x), logits_without_seg_head(seg, x))
@@ -164,7 +165,7 @@ def test_window_and_padding_known_answers():
         s = data.window_start((30, 30, 30), (40, 40, 40), (32, 32, 32), rng)
         assert all(-5 <= v <= 3 for v in s)
     x = torch.tensor([-2000, -1000, -400, 200, 900], dtype=torch.int16)
-    np.testing.assert_allclose(data.normalize(x, (-1000, 200)).numpy(), [-1, -1, 0, 1, 1], atol=1e-6)
+    np.testing.assert_allclose(ct_io.normalize(x, (-1000, 200)).numpy(), [-1, -1, 0, 1, 1], atol=1e-6)
 
 
 def test_synthetic_is_seeded_and_anatomical():
@@ -219,7 +220,7 @@ def test_fixed_batch_overfits():
     batch = torch.utils.data.default_collate([ds[i] for i in range(4)])
     net = CTClassifier("r3d", labels.shape[1], (16, 32, 32), seg_classes=7).train()
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    x = data.normalize(batch["ct"], (-1000, 200))
+    x = ct_io.normalize(batch["ct"], (-1000, 200))
     losses = []
     for _ in range(12):
         loss, _, _ = model.Objective(net, "multilabel")(x, batch["label"], batch["mask"])
@@ -319,8 +320,8 @@ def test_metrics_against_sklearn_and_hand_made_cases():
 def test_predictions_csv_round_trip(tmp_path):
     y, p = np.array([[0, 1], [1, 0], [1, 1]], float), np.array([[0.25, 0.5], [0.75, 0.125], [0.5, 1.0]])
     path = tmp_path / "predictions_test.csv"
-    evaluate.write_predictions(path, ["a", "b", "c"], y, p, ["Lung nodule", "x,y"])
-    read = evaluate.read_predictions(path)
+    write_predictions(path, ["a", "b", "c"], y, p, ["Lung nodule", "x,y"])
+    read = read_predictions(path)
     assert read["cases"] == read["patients"] == ["a", "b", "c"] and read["classes"] == ["Lung nodule", "x,y"]
     np.testing.assert_array_equal(y, read["y_true"])
     np.testing.assert_array_equal(p, read["y_prob"])

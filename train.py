@@ -14,6 +14,7 @@ where an uninterrupted run would.
 """
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -24,11 +25,11 @@ import torch
 
 import data
 import evaluate
-from ctkit import labels, mask_qc, precision, synthetic, utils
-from ctkit.labels import by_patient
+from ctkit import ct_io, inference, labels, learning_report, mask_qc, precision, synthetic, utils
+from ctkit.labels import by_patient, write_predictions
 from ctkit.pretrained import load_pretrained
 from ctkit.utils import BadInput
-from model import ARCHS, Objective, build_model
+from model import ARCHS, Objective, build_model, probabilities
 
 # fmt: off
 TABLE4_LR = {("chest", "r3d"): 1e-4, ("chest", "mvit"): 1e-4, ("chest", "swin"): 5e-5,
@@ -208,7 +209,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         for group in optimizer.param_groups:
             group["lr"] = lr
         torch.manual_seed(utils.step_seed(s.seed, utils.get_rank(), it))  # a resume replays dropout
-        ct = data.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
+        ct = ct_io.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True) if s.seg else None  # the only difference of --seg
         mask = loader.dataset.seg_classes(mask, batch["index"])  # stored labels -> the run's seg classes
@@ -300,11 +301,54 @@ def prepare_folder(s, task, iteration):
     utils.write_json(os.path.join(s.output_dir, "config.json"), config)
 
 
+def predict_split(model, loader, task, amp=False):
+    """Class probabilities (N, K) of the deployed classifier: model(x), no segmentation head."""
+
+    def fn(ct, batch):
+        return probabilities(model(ct).float(), task)
+
+    return inference.for_each_case(model, loader, task.window, amp, fn, torch.zeros(0, len(task.classes)))
+
+
+def write_outputs(model, loaders, task, s, train_set):
+    """Predictions (and with --seg the seg head's Dice and learning report) of every evaluation split, then
+    their metrics tables. The report's floors come from train_set's masks; on phantoms the test split's also
+    has the per-case bound (its cost is fine there)."""
+    floors, path = None, functools.partial(os.path.join, s.output_dir)
+    for name, loader in loaders.items():
+        y_prob = predict_split(model, loader, task, s.amp)
+        ce, counts = inference.seg_split(model, loader, task, s.amp) if s.seg else (None, None)
+        if utils.get_rank() != 0:
+            continue
+        ds = loader.dataset
+        write_predictions(
+            path(f"predictions_{name}.csv"), ds.case_ids, ds.labels, y_prob, task.classes, ds.groups
+        )
+        if not s.seg:
+            continue
+        # did the auxiliary branch learn the anatomy? Dice on the centre crops, then beyond where organs
+        # usually lie (ctkit/learning_report.py)
+        utils.write_json(path(f"dice_{name}.json"), learning_report.dice_summary(counts, task.structures))
+        grid, device = inference.head_grid(model, task.crop), next(model.parameters()).device
+        if floors is None:
+            train_masks = data.centre_masks(train_set, learning_report.MAX_TRAIN_MASKS)
+            lungs = learning_report.lungs_of(task.structures)
+            floors = learning_report.floors(train_masks, grid, len(task.structures) + 1, device, lungs)
+        bound = s.dataset == "synthetic" and name == "test"
+        masks, head = list(data.centre_masks(ds)), (float(ce.sum()), counts)
+        report = learning_report.learning_report(head, floors, masks, grid, task.structures, bound, device)
+        utils.write_json(path(f"seg_report_{name}.json"), report)
+    if utils.get_rank() == 0:
+        if "val" in loaders:  # its thresholds are the ones tools/predict.py applies to new cases
+            evaluate.evaluate_predictions(path("predictions_val.csv"), quiet=True)
+        evaluate.evaluate_predictions(path("predictions_test.csv"))
+
+
 def validate(model, loaders, task, s, epoch, iteration, seconds):
     """Macro AUC on the validation split; without one the test split's is printed, for monitoring only."""
     name = "val" if "val" in loaders else "test"
     dataset = loaders[name].dataset
-    y_prob = evaluate.predict_split(model, loaders[name], task, s.amp)
+    y_prob = predict_split(model, loaders[name], task, s.amp)
     scores = dict(y_true=dataset.labels, y_prob=y_prob, patients=dataset.groups, classes=task.classes)
     if task.kind == "ratic":  # evaluated per patient, as the test split (labels.unit)
         scores = by_patient(scores)
@@ -425,8 +469,7 @@ def main(args):
     if not s.test_only:  # --test-only evaluates the checkpoint as it is
         state = (model, optimizer, scaler, iteration, best_auc)
         fit(objective, state, (train_loader, per_epoch), loaders, task, s)
-    bound = s.dataset == "synthetic"  # the per-case bound of the learning report: phantoms only (cost)
-    evaluate.write_outputs(model, loaders, task, s.output_dir, s.seg, s.amp, splits["train"], bound)
+    write_outputs(model, loaders, task, s, splits["train"])
     if world_size > 1:
         torch.distributed.destroy_process_group()
 

@@ -242,7 +242,7 @@ def step_stats(model, device, batch, crop, seg, steps, structures=6, seg_chunk=0
     for _ in range(steps + 2):
         start = time.perf_counter()
         with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            train_step(objective, optimizer, data.normalize(ct, (-1000, 200)), labels, mask)
+            train_step(objective, optimizer, ct_io.normalize(ct, (-1000, 200)), labels, mask)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -317,7 +317,7 @@ def bench_data_wait(device, steps, workers, tiny=False, amp=True):
         start = time.perf_counter()
         for step, sample in enumerate(loader):
             got = time.perf_counter()
-            ct = data.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
+            ct = ct_io.normalize(sample["ct"].to(device, non_blocking=True), region["window"])
             with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
                 labels, mask = sample["label"].to(device).float(), sample["mask"].to(device)
                 mask = dataset.seg_classes(mask, sample["index"])  # --structures' lookup, on the device

@@ -23,6 +23,13 @@ HU_RANGE = (-1000, 1000)  # paper §2.1
 AIR_HU = -1024  # fill for CT outside the scanned volume; masks are filled with 0 (background)
 
 
+def normalize(ct, window):
+    """A tensor of HU clipped to the window and min-max scaled to [-1, 1] (paper A.2), on whatever device it
+    is (the training device: the loaders only copy int16 windows)."""
+    lo, hi = window
+    return (ct.float().clamp(lo, hi) - lo) * (2.0 / (hi - lo)) - 1.0
+
+
 def read_nifti(path, metadata):
     """A NIfTI CT in HU; with `metadata` (CT-RATE originals) HU and geometry come from its VolumeName row."""
     img = nib.load(path)

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ctkit.labels import ABBREVIATIONS
+from ctkit.learning_report import short_name
+
 
 def evidence_maps(model, x):
     """x (B, 1, D, H, W) -> evidence (B, K, d, h, w) in float32 (float64 for a float64 model): the linear
@@ -65,3 +68,26 @@ def anatomy_shares(evidence, mask, num_structures):
     total = sums.sum(1, keepdim=True)
     shares = torch.where(total > 0, sums / total.clamp(min=1e-300), torch.zeros_like(sums))
     return torch.cat([shares[:, 1:], shares[:, :1]], 1).numpy()
+
+
+def evidence_by_anatomy(shares, labels, task):
+    """{finding: {"positives": n, structure: mean share over its positive cases, ..., "outside": ...}}."""
+    table = {}
+    for k, name in enumerate(task.classes):
+        positive = labels[:, k] == 1
+        means = shares[positive, k].mean(0) if positive.any() else np.full(shares.shape[2], np.nan)
+        table[name] = {
+            "positives": int(positive.sum()),
+            **dict(zip([*task.structures, "outside"], means.tolist())),
+        }
+    return table
+
+
+def format_evidence(table, title):
+    columns = list(next(iter(table.values())))[1:]
+    head = f"{'finding':<28}{'pos':>5}" + "".join(f"{short_name(c):>13}" for c in columns)
+    lines = [title, head, "-" * len(head)]
+    for name, row in table.items():
+        label = f"{ABBREVIATIONS.get(name, '')} {name}".strip()[:27]
+        lines.append(f"{label:<28}{row['positives']:>5}" + "".join(f"{row[c]:13.3f}" for c in columns))
+    return "\n".join(lines)

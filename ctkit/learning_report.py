@@ -84,17 +84,22 @@ def fit_grid_logits(counts, grid, iterations=60, stride=FIT_STRIDE, device="cpu"
     return logits.detach()
 
 
+def dice_counts(pred, target, num_labels):
+    """Per case and foreground structure: (intersection, predicted, true) voxels, (B, num_labels - 1, 3)."""
+    counts = []
+    for label in range(1, num_labels):
+        p, t = pred == label, target == label
+        counts.append(torch.stack([(p & t).sum((1, 2, 3)), p.sum((1, 2, 3)), t.sum((1, 2, 3))], 1))
+    return torch.stack(counts, 1)
+
+
 def score(log_probs, mask, num_labels):
     """(CE summed over voxels, Dice counts (num_labels - 1, 3): intersection, predicted, true) of one mask
     under full-resolution log-probabilities (S, D, H, W)."""
     target = torch.as_tensor(mask, dtype=torch.long, device=log_probs.device)
     ce = -log_probs.gather(0, target[None]).sum()
-    pred = log_probs.argmax(0)
-    counts = [
-        torch.stack([((pred == s) & (target == s)).sum(), (pred == s).sum(), (target == s).sum()])
-        for s in range(1, num_labels)
-    ]
-    return float(ce), torch.stack(counts).cpu().numpy().astype(np.int64)
+    counts = dice_counts(log_probs.argmax(0)[None], target[None], num_labels)[0]
+    return float(ce), counts.cpu().numpy().astype(np.int64)
 
 
 def structure_dice(dice_counts, structures):
@@ -109,6 +114,15 @@ def structure_dice(dice_counts, structures):
     known = [v for v in dice.values() if not np.isnan(v)]
     dice["mean"] = float(np.mean(known)) if known else float("nan")
     return dice
+
+
+def dice_summary(counts, structures):
+    """Mean per-case Dice of each structure over the cases that contain it; counts (N, S, 3)."""
+    present = (np.asarray(counts)[:, :, 2] > 0).sum(0)
+    dice = structure_dice(counts, structures)
+    summary = {name: {"dice": dice[name], "cases": int(n)} for name, n in zip(structures, present)}
+    summary["mean"] = {"dice": dice["mean"], "cases": len(counts)}
+    return summary
 
 
 def summarise(ce_sum, voxels, dice_counts, structures):

@@ -16,6 +16,7 @@ import torch
 
 import data
 import model as M
+from ctkit import ct_io
 from helpers import train_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def small_batch(task, batch=2, seed=0):
     ct = torch.randint(-1000, 1000, (batch, 1, *task.crop), generator=g, dtype=torch.int16)
     labels = torch.randint(0, 2, (batch, len(task.classes)), generator=g).float()
     mask = torch.randint(0, len(task.structures) + 1, (batch, *task.crop), generator=g, dtype=torch.uint8)
-    return data.normalize(ct.to(DEVICE), task.window), labels.to(DEVICE), mask.to(DEVICE)
+    return ct_io.normalize(ct.to(DEVICE), task.window), labels.to(DEVICE), mask.to(DEVICE)
 
 
 @pytest.mark.parametrize("arch", M.ARCHS)

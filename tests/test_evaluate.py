@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 import evaluate
 import predict
-from ctkit import compare, labels, utils
+from ctkit import compare, labels, learning_report, utils
 from helpers import prepared_synthetic, train_cli
 
 
@@ -63,8 +63,8 @@ def test_thresholds_from_validation(tmp_path):
     # Youden's threshold on the validation predictions: 0.6
     y_val, p_val = np.array([[0], [0], [1], [1]]), np.array([[0.1], [0.3], [0.6], [0.9]])
     y_test, p_test = np.array([[0], [1], [1], [0]]), np.array([[0.5], [0.55], [0.7], [0.65]])
-    evaluate.write_predictions(tmp_path / "predictions_val.csv", list("abcd"), y_val, p_val, ["x"])
-    evaluate.write_predictions(tmp_path / "predictions_test.csv", list("efgh"), y_test, p_test, ["x"])
+    labels.write_predictions(tmp_path / "predictions_val.csv", list("abcd"), y_val, p_val, ["x"])
+    labels.write_predictions(tmp_path / "predictions_test.csv", list("efgh"), y_test, p_test, ["x"])
     rows, _ = evaluate.evaluate_predictions(
         str(tmp_path / "predictions_test.csv"), thresholds_from="val", quiet=True
     )
@@ -83,9 +83,9 @@ def test_dice_on_hand_made_masks():
     pred[0, 3, 0, 0] = 2  # structure 2 predicted where it is absent: case 0 does not count for it
     target[1, :, :, :2] = 2  # case 1: structure 2, 32 voxels, all found: Dice 1; structure 1 absent
     pred[1, :, :, :2] = 2
-    counts = evaluate.dice_counts(pred, target, 3)
+    counts = learning_report.dice_counts(pred, target, 3)
     assert counts.tolist() == [[[16, 16, 32], [0, 1, 0]], [[0, 0, 0], [32, 32, 32]]]
-    summary = evaluate.dice_summary(counts.numpy(), ["a", "b"])
+    summary = learning_report.dice_summary(counts.numpy(), ["a", "b"])
     assert math.isclose(summary["a"]["dice"], 2 / 3) and summary["a"]["cases"] == 1
     assert summary["b"]["dice"] == 1.0 and math.isclose(summary["mean"]["dice"], (2 / 3 + 1) / 2)
 
@@ -95,7 +95,7 @@ def fake_run(folder, model, seg, seed, y, p):
     (folder / "config.json").write_text(
         json.dumps({"dataset": "synthetic", "model": model, "seg": seg, "seed": seed, "pretrained": None})
     )
-    evaluate.write_predictions(
+    labels.write_predictions(
         folder / "predictions_test.csv", [f"c{i}" for i in range(len(y))], y, p, ["cardiomegaly", "emphysema"]
     )
     log = utils.CSVLog(folder / "iterations.csv", utils.StepLog.FIELDS)
@@ -194,28 +194,28 @@ def test_per_patient_evaluation_averages_a_patients_series(tmp_path):
     p = np.full((5, len(classes)), 0.5)
     p[:, 0] = [0.9, 0.5, 0.2, 0.4, 0.6]
     path = tmp_path / "predictions_test.csv"
-    evaluate.write_predictions(
+    labels.write_predictions(
         path, ["a_1", "a_2", "b_1", "b_2", "c_1"], y, p, classes, ["a", "a", "b", "b", "c"]
     )
-    per_patient = evaluate.read_predictions(str(path), per="auto")  # RATIC columns: per patient
+    per_patient = labels.read_predictions(str(path), per="auto")  # RATIC columns: per patient
     assert per_patient["cases"] == ["a", "b", "c"] and per_patient["unit"] == "patient"
     np.testing.assert_allclose(per_patient["y_prob"][:, 0], [0.7, 0.3, 0.6])  # series means
     np.testing.assert_array_equal(per_patient["y_true"][:, 0], [1, 0, 0])
-    assert len(evaluate.read_predictions(str(path), per="case")["cases"]) == 5
+    assert len(labels.read_predictions(str(path), per="case")["cases"]) == 5
     rows, macro = evaluate.evaluate_predictions(str(path), quiet=True)
     assert json.loads((tmp_path / "metrics_test.json").read_text())["cases"] == 3
     assert rows[0]["class"] == "any_injury" and rows[0]["auc"] == 1.0  # 0.7 above 0.3 and 0.6
     y[1, 0] = 0  # the series of one patient disagree: not a patient-level label
-    evaluate.write_predictions(
+    labels.write_predictions(
         path, ["a_1", "a_2", "b_1", "b_2", "c_1"], y, p, classes, ["a", "a", "b", "b", "c"]
     )
     with pytest.raises(ValueError, match="different labels"):
-        evaluate.read_predictions(str(path), per="patient")
+        labels.read_predictions(str(path), per="patient")
 
 
 def test_a_predictions_file_of_another_name_is_never_overwritten(tmp_path):
     y, p = np.array([[0], [1], [1], [0]]), np.array([[0.1], [0.8], [0.7], [0.2]])
-    evaluate.write_predictions(tmp_path / "mine.csv", list("abcd"), y, p, ["x"])
+    labels.write_predictions(tmp_path / "mine.csv", list("abcd"), y, p, ["x"])
     before = (tmp_path / "mine.csv").read_text()
     evaluate.evaluate_predictions(str(tmp_path / "mine.csv"), quiet=True)
     assert (tmp_path / "mine.csv").read_text() == before

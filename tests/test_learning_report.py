@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import data
 import evaluate
+from ctkit import inference
 from ctkit import learning_report as lr
 from helpers import train_cli
 
@@ -90,7 +91,7 @@ def test_a_head_that_outputs_the_grid_floor_reports_exactly_the_floor():
         "synthetic", "multilabel", "chest", ("x",), STRUCTURES, (-1000, 200), (4, 6, 6), (4, 6, 6)
     )
     loader = torch.utils.data.DataLoader(test_set, 2)
-    ce, dice_counts = evaluate.seg_split(head, loader, task)
+    ce, dice_counts = inference.seg_split(head, loader, task)
     floors, test_masks = lr.floors(data.centre_masks(train_set), grid, 3), list(data.centre_masks(test_set))
     report = lr.learning_report(
         (float(ce.sum()), dice_counts), floors, test_masks, grid, STRUCTURES, bound=True

@@ -30,7 +30,7 @@ sys.path.insert(
 )  # a script of this folder stands on the top level
 import data  # noqa: E402
 import model as M  # noqa: E402
-from ctkit import ct_io, evidence, utils  # noqa: E402
+from ctkit import ct_io, evidence, inference, utils  # noqa: E402
 from ctkit.labels import ABBREVIATIONS  # noqa: E402
 
 
@@ -89,7 +89,7 @@ def predict(ct_path, checkpoint_path, explain=None, features=None):
     """Print and return {class: probability} for one CT; with explain / features also write those."""
     model, task, args = load_model(checkpoint_path)
     crop = read_crop(ct_path, task)
-    x = data.normalize(torch.from_numpy(crop)[None, None], task.window)  # (1, 1, D, H, W)
+    x = ct_io.normalize(torch.from_numpy(crop)[None, None], task.window)  # (1, 1, D, H, W)
     with torch.no_grad():
         logits = model(x)
     probs = M.probabilities(logits, task)[0].tolist()
@@ -114,7 +114,7 @@ def predict(ct_path, checkpoint_path, explain=None, features=None):
 def write_explanations(folder, model, x, crop, task, probs):
     """One PNG per model output: its evidence map over the CT (and the seg head's anatomy), see the module."""
     maps = evidence.upsample(evidence.evidence_maps(model, x), task.crop)[0].numpy()  # (outputs, D, H, W)
-    anatomy = M.segment(model, x)[0].numpy() if model.seg_head is not None else None
+    anatomy = inference.segment(model, x)[0].numpy() if model.seg_head is not None else None
     logits = model(x)[0].tolist()
     os.makedirs(folder, exist_ok=True)
     paths = []

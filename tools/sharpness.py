@@ -25,7 +25,7 @@ sys.path.insert(
     0, str(Path(__file__).resolve().parents[1])
 )  # a script of this folder stands on the top level
 import data  # noqa: E402
-from ctkit import synthetic, utils  # noqa: E402
+from ctkit import ct_io, synthetic, utils  # noqa: E402
 from model import build_model, classification_loss  # noqa: E402
 
 
@@ -110,7 +110,7 @@ def fixed_batches(config, cases, batch_size, run_folder="."):
     batches = []
     for start in range(0, len(samples), batch_size):
         batch = torch.utils.data.default_collate(samples[start : start + batch_size])
-        batches.append((data.normalize(batch["ct"], task.window), batch["label"]))
+        batches.append((ct_io.normalize(batch["ct"], task.window), batch["label"]))
     return batches, task
 
 

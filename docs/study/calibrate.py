@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import train  # noqa: E402
 from ctkit import synthetic, utils  # noqa: E402
+from ctkit.labels import read_predictions  # noqa: E402
 
 LOCALISED = ("nodule_right_upper_lobe", "nodule_left_lower_lobe")
 GLOBAL = ("cardiomegaly", "pleural_effusion", "emphysema")
@@ -45,7 +46,7 @@ def run_level(name, nodules, epochs, out):
         train.cli([*args, "--output-dir", str(folder)])
     for unread in ("predictions_test.csv", "metrics_test.csv", "metrics_test.json"):
         (folder / unread).unlink(missing_ok=True)  # the rule never looks at the test split
-    val = evaluate.read_predictions(str(folder / "predictions_val.csv"))
+    val = read_predictions(str(folder / "predictions_val.csv"))
     rows, _, _ = evaluate.compute_metrics(val["y_true"], val["y_prob"], val["classes"])
     return {r["class"]: r["auc"] for r in rows}
 

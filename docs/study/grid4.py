@@ -31,7 +31,7 @@ import bench  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import train  # noqa: E402
-from ctkit import compare, evidence, precision, synthetic, utils  # noqa: E402
+from ctkit import compare, ct_io, evidence, precision, synthetic, utils  # noqa: E402
 from ctkit.ct_io import AIR_HU  # noqa: E402
 from ctkit.labels import read_predictions  # noqa: E402
 from model import build_model  # noqa: E402
@@ -94,7 +94,7 @@ def check(level):
     train_run(folder, ["--seed", "100", "--synthetic-cases", "320", "200", "200"], level)
     for unread in ("predictions_test.csv", "metrics_test.csv", "metrics_test.json"):
         (folder / unread).unlink(missing_ok=True)  # the rule never looks at the test split
-    val = evaluate.read_predictions(str(folder / "predictions_val.csv"))
+    val = read_predictions(str(folder / "predictions_val.csv"))
     rows, _, _ = evaluate.compute_metrics(val["y_true"], val["y_prob"], val["classes"])
     aucs = {r["class"]: r["auc"] for r in rows}
     variant, nodules, epochs = LEVELS[level]
@@ -137,7 +137,7 @@ def score_localisation(folder):
             np.ascontiguousarray(data.read_window(v, starts, task.crop, fill))
             for v, fill in ((ct, AIR_HU), (mask, 0), (findings, 0))
         ]
-        x = data.normalize(torch.from_numpy(crop[0])[None, None].to(device), task.window)
+        x = ct_io.normalize(torch.from_numpy(crop[0])[None, None].to(device), task.window)
         with torch.autocast(device.type, torch.bfloat16, enabled=config["amp"]):
             maps = evidence.evidence_maps(net, x)  # (1, K, d, h, w)
         logits = maps.mean((2, 3, 4))[0] + net.head.bias.float()
