@@ -86,16 +86,8 @@ def make_task(dataset, crop=None, pad=None, region=None, classes=None, anatomy=N
         anatomy = phantom_anatomy("paper", region) if dataset == "synthetic" else paper_by_name(region)
     kind = "ratic" if dataset == "ratic" else "multilabel"
     classes = tuple(classes or labels.CLASSES[dataset])
-    return Task(
-        dataset,
-        kind,
-        region,
-        classes,
-        anatomy.names,
-        **geometry,
-        structure_ids=anatomy.ids,
-        scheme=anatomy.stamp,
-    )
+    names, ids, stamp = anatomy.names, anatomy.ids, anatomy.stamp
+    return Task(dataset, kind, region, classes, names, **geometry, structure_ids=ids, scheme=stamp)
 
 
 class Anatomy(NamedTuple):

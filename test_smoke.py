@@ -75,11 +75,14 @@ def test_seg_head_only_when_asked():
     loss, cls_loss, seg_loss = model.Objective(seg.train(), "multilabel")(x, torch.ones(2, 3), mask)
     assert seg_loss.ndim == 0 and seg_loss > 0 and torch.isclose(loss, cls_loss + seg_loss)
     assert seg(x).shape == (2, 3)
-    assert inference.segment(seg, x).shape == (2, 32, 32, 32)  # a label map from the 2x2x2 feature map
-    seg.eval()
+    label_map = inference.segment(seg, x)  # a label map from the 2x2x2 feature map
+    assert label_map.shape == (2, 32, 32, 32) and label_map.min() >= 0 and label_map.max() < 7
+    calls = []
+    seg.seg_head.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():  # inference is exactly the plain classifier: one tensor, the seg head never runs
-        torch.testing.assert_close(seg(x), logits_without_seg_head(seg, x))
-    assert isinstance(seg(x), torch.Tensor) and isinstance(plain.train()(x), torch.Tensor)
+        torch.testing.assert_close(seg.train()(x), logits_without_seg_head(seg, x))
+        torch.testing.assert_close(seg.eval()(x), logits_without_seg_head(seg, x))
+    assert calls == []
 
 
 def logits_without_seg_head(net, x):
