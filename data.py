@@ -107,9 +107,11 @@ def paper_by_name(region):
 
 
 def phantom_anatomy(spec, region):
+    """The Anatomy of a spec on phantoms made in memory (their labels are synthetic.SCHEME's ids): no lookup
+    table where the run's classes are those labels already."""
     names, ids = structures.parse(spec, synthetic.SCHEME, region)
-    lut = structures.lookup_table(ids, synthetic.SCHEME)
-    return Anatomy(names, ids, "", None if np.array_equal(lut[:7], np.arange(7)) else lut)
+    lut, n = structures.lookup_table(ids, synthetic.SCHEME), len(synthetic.SCHEME) + 1
+    return Anatomy(names, ids, "", None if np.array_equal(lut[:n], np.arange(n)) else lut)
 
 
 def anatomy(spec, source, region, with_mask=True):
@@ -232,7 +234,7 @@ class CTDataset(torch.utils.data.Dataset):
         self.groups = list(groups) if groups is not None else self.case_ids  # patients
         self.pad_size, self.crop_size, self.train, self.seed = pad_size, crop_size, train, seed
         self.with_mask, self.lut = with_mask, lut  # lut: stored label -> seg class (None: the same)
-        self.device_luts = {}  # the lut on each device seg_classes has met
+        self.device_luts, self.unchecked = {}, []  # the lut on each device met; flags not yet read back
 
     def __len__(self):
         return len(self.case_ids)
@@ -242,7 +244,7 @@ class CTDataset(torch.utils.data.Dataset):
         ct, mask = self.volumes[index]
         rng = np.random.default_rng([self.seed, epoch, index]) if self.train else None
         starts = window_start(ct.shape, self.pad_size, self.crop_size, rng)
-        # the windows are read-only views (torch warns about them); collate() copies them into the batch
+        # the windows are read-only views (torch warns about them); the batch collation copies them
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             sample = {"ct": torch.from_numpy(read_window(ct, starts, self.crop_size, AIR_HU))[None]}
@@ -251,21 +253,35 @@ class CTDataset(torch.utils.data.Dataset):
         sample.update(label=torch.from_numpy(self.labels[index]), index=index)
         return sample
 
-    def seg_classes(self, masks, indices):
+    def seg_classes(self, masks, indices, check=True):
         """The run's seg classes of a batch of stored masks (B, D, H, W) uint8, looked up where the batch is
-        (on the device, off the loaders' per-sample path); a stored label outside the folder's scheme ends
-        in one error naming the case's mask file."""
+        (on the device, off the loaders' per-sample path). Cases holding a stored label outside the folder's
+        scheme are flagged on the device; check_labels raises for them, here unless check=False (training
+        checks when it reads its log back, before any checkpoint: no device synchronisation per step)."""
         if masks is None or self.lut is None:
             return masks
         if masks.device not in self.device_luts:
             self.device_luts[masks.device] = torch.from_numpy(self.lut).to(masks.device)
         classes = torch.take(self.device_luts[masks.device], masks.long())  # (B, D, H, W) uint8
-        unknown = (classes == structures.UNKNOWN).flatten(1).any(1)
-        if unknown.any():
-            index = int(indices[int(unknown.int().argmax())])
-            where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
-            raise BadInput(f"{where}: a mask label that is not in the folder's label scheme ({prep.SCHEME})")
-        return classes
+        unknown = classes == structures.UNKNOWN
+        self.unchecked.append((indices, unknown.flatten(1).any(1)))
+        if check:
+            self.check_labels()
+        return classes.masked_fill_(unknown, 0)  # background until checked: the loss never sees the flag
+
+    def check_labels(self):
+        """One error naming the mask file of the first case flagged by seg_classes since the last check."""
+        unchecked, self.unchecked = self.unchecked, []
+        for indices, unknown in unchecked:
+            if unknown.any():  # reads the flags back from the device
+                index = int(indices[int(unknown.int().argmax())])
+                where = getattr(self.volumes, "mask_path", lambda i: self.case_ids[i])(index)
+                raise BadInput(
+                    f"{where}: a mask label that is not in the folder's label scheme ({prep.SCHEME})"
+                )
+
+    def __getstate__(self):  # a DataLoader worker started by spawn gets no device tensors
+        return {**self.__dict__, "device_luts": {}, "unchecked": []}
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -400,5 +416,5 @@ def centre_masks(dataset, limit=None):
     for i in picks:
         mask = dataset.volumes[i][1]
         starts = window_start(mask.shape, dataset.pad_size, dataset.crop_size)
-        window = torch.from_numpy(np.ascontiguousarray(read_window(mask, starts, dataset.crop_size, 0)))
+        window = torch.from_numpy(np.array(read_window(mask, starts, dataset.crop_size, 0)))  # a copy
         yield dataset.seg_classes(window[None], [i])[0].numpy()  # the seg classes, as in training

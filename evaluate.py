@@ -23,7 +23,7 @@ import data
 from ctkit import compare, evidence, inference, prep, utils
 from ctkit.labels import ABBREVIATIONS, read_predictions
 from ctkit.learning_report import format_report
-from ctkit.utils import BadInput
+from ctkit.utils import BadInput, flag
 from model import build_model
 
 METRICS = ("auc", "sensitivity", "specificity", "precision", "f1_weighted", "f1_positive")
@@ -208,9 +208,6 @@ def load_runs(folders, method, thresholds_from, per="auto"):
         run["dice"] = utils.read_json(dice_path) if os.path.isfile(dice_path) else None
         runs.append(run)
     return runs
-
-
-flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)

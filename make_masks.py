@@ -41,13 +41,10 @@ import numpy as np
 
 from ctkit import ct_io, mask_qc, prep, totalseg, utils
 from ctkit.regions import REGIONS
-from ctkit.utils import BadInput
+from ctkit.utils import BadInput, flag
 
 PREFETCH = 2  # cases read ahead of the network, and written behind it
 SUMMARY_SECONDS = 60  # masks_summary.csv is rewritten at most this often while cases finish
-
-
-flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +59,10 @@ class Settings:
     from_totalseg: Path | None = flag(None, "existing TotalSegmentator multilabel outputs", type=Path)
     from_masks: Path | None = flag(None, "existing label maps of another segmenter", type=Path)
     label_map: Path | None = flag(None, "with --from-masks: JSON {id: class name}", type=Path)
-    metadata: tuple = flag(None, "CT-RATE metadata CSV(s) for the original (not _fixed) files", nargs="+")
-    exclude: tuple = flag(None, "skip matching paths", action="append", metavar="GLOB")
+    metadata: tuple | None = flag(
+        None, "CT-RATE metadata CSV(s) for the original (not _fixed) files", nargs="+"
+    )
+    exclude: tuple | None = flag(None, "skip matching paths", action="append", metavar="GLOB")
     device: str = flag("gpu", "TotalSegmentator device: gpu, gpu:N, cpu, mps")
     engine: str = flag(
         "predictor",

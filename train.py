@@ -28,7 +28,7 @@ import evaluate
 from ctkit import ct_io, inference, labels, learning_report, mask_qc, precision, synthetic, utils
 from ctkit.labels import by_patient, write_predictions
 from ctkit.pretrained import load_pretrained
-from ctkit.utils import BadInput
+from ctkit.utils import BadInput, flag
 from model import ARCHS, Objective, build_model, probabilities
 
 # fmt: off
@@ -59,7 +59,6 @@ RUN_FILES = ("config.json", "checkpoint.pth", "iterations.csv", "epochs.csv", *S
 
 
 DATASETS = ("synthetic", "ctrate", "radchest", "ratic", "custom")
-flag = utils.flag
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +150,10 @@ def resolve(args, region, device):
         raise BadInput("--dataset custom needs --labels FILE.csv, and --labels needs --dataset custom")
     if args.test_only and args.resume in (None, "auto") and not args.output_dir:
         raise BadInput("--test-only evaluates a checkpoint: give it with --resume CHECKPOINT")
-    for flag in ("batch_size", "epochs", "max_steps", "print_freq", "synthetic_cases"):
-        values = given[flag] if isinstance(given[flag], tuple) else (given[flag],)
+    for name in ("batch_size", "epochs", "max_steps", "print_freq", "synthetic_cases"):
+        values = given[name] if isinstance(given[name], tuple) else (given[name],)
         if any(v is not None and v < 1 for v in values):
-            raise BadInput(f"--{flag.replace('_', '-')} {' '.join(map(str, values))}: must be at least 1")
+            raise BadInput(f"--{name.replace('_', '-')} {' '.join(map(str, values))}: must be at least 1")
     notes, region_model = [], (region, args.model)
     for name, table, key in (
         ("lr", TABLE4_LR, region_model),
@@ -212,7 +211,7 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         ct = ct_io.normalize(batch["ct"].to(device, non_blocking=True), task.window)  # HU window -> [-1, 1]
         labels = batch["label"].to(device, non_blocking=True)
         mask = batch["mask"].to(device, non_blocking=True) if s.seg else None  # the only difference of --seg
-        mask = loader.dataset.seg_classes(mask, batch["index"])  # stored labels -> the run's seg classes
+        mask = loader.dataset.seg_classes(mask, batch["index"], check=False)  # -> the run's seg classes
         with torch.autocast(device.type, precision.amp_dtype(device), enabled=s.amp):
             loss, cls_loss, seg_loss = objective(ct, labels, mask)  # L = L_cls + seg_weight * L_seg
         scaler.scale(loss).backward()
@@ -230,7 +229,8 @@ def train_one_epoch(objective, optimizer, scaler, loader, task, s, epoch, steps,
         last = i + 1 == per_epoch
         save_now = s.checkpoint_every and (it + 1) % s.checkpoint_every == 0 and not last
         if len(log.pending) == s.print_freq or last or save_now:
-            log.flush()
+            log.flush()  # reads the values back from the device, and so do the mask checks
+            loader.dataset.check_labels()
         if save_now:
             save("checkpoint.pth", it + 1)
         if last:

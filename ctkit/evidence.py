@@ -8,15 +8,15 @@ raise the logit, negative ones lower it.
 
 `evidence_maps` is the one implementation; `localisation_scores` scores one map against a region (a
 structure of a mask) and the finding's own voxels where they are known (the synthetic phantoms);
-`anatomy_shares` splits a map's positive evidence among the structures of a mask (evaluate.py --evidence).
+`anatomy_shares` splits a map's positive evidence among the structures of a mask, and `evidence_by_anatomy`
+/ `format_evidence` tabulate those shares per finding (evaluate.py --evidence).
 """
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ctkit.labels import ABBREVIATIONS
-from ctkit.learning_report import short_name
+from ctkit.learning_report import short_name, upsample
 
 
 def evidence_maps(model, x):
@@ -27,11 +27,6 @@ def evidence_maps(model, x):
     dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.autocast(x.device.type, enabled=False):  # the decomposition itself in full precision
         return torch.einsum("bcdhw,kc->bkdhw", features.to(dtype), weight.to(dtype))
-
-
-def upsample(evidence, size):
-    """(B, K, d, h, w) -> (B, K, *size), trilinearly, as the seg head's logits are upsampled."""
-    return F.interpolate(evidence, size=tuple(size), mode="trilinear")
 
 
 def localisation_scores(evidence, region, finding=None):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ctkit import ct_io, evidence, precision, utils
-from ctkit.learning_report import dice_counts
+from ctkit.learning_report import dice_counts, upsample
 
 
 @torch.no_grad()
@@ -28,16 +28,11 @@ def for_each_case(model, loader, window, amp, fn, empty):
     return utils.gather_cases(indices, rows, len(loader.dataset))
 
 
-def full_resolution(seg_logits, size):
-    """The seg head's logits (B, S, d, h, w) upsampled trilinearly to the crop (B, S, *size) as in eq. 3."""
-    return F.interpolate(seg_logits.float(), size=tuple(size), mode="trilinear")
-
-
 @torch.no_grad()
 def segment(model, x):
     """Label map (B, D, H, W): the seg head's upsampled argmax, to show and score (never to classify)."""
     seg_logits = model.seg_head(model.backbone(x))
-    return torch.cat([full_resolution(s[None], x.shape[2:]).argmax(1) for s in seg_logits])
+    return torch.cat([upsample(s[None].float(), x.shape[2:]).argmax(1) for s in seg_logits])
 
 
 def seg_split(model, loader, task, amp=False):
@@ -50,7 +45,7 @@ def seg_split(model, loader, task, amp=False):
         targets = loader.dataset.seg_classes(batch["mask"].to(ct.device), batch["index"]).long()
         rows = []
         for logits, target in zip(seg_logits, targets):  # one full map at a time
-            full = full_resolution(logits[None], target.shape)  # (1, S, D, H, W)
+            full = upsample(logits[None].float(), target.shape)  # (1, S, D, H, W), as in eq. 3
             ce = F.cross_entropy(full, target[None], reduction="sum").double()
             counts = dice_counts(full.argmax(1), target[None], n + 1)[0]
             rows.append(torch.cat([ce[None], counts.flatten().double()]))
@@ -70,7 +65,7 @@ def evidence_split(model, loader, task, amp=False):
         maps = evidence.evidence_maps(model, ct)  # (B, K, d, h, w)
         masks = loader.dataset.seg_classes(batch["mask"], batch["index"])
         rows = [
-            evidence.anatomy_shares(evidence.upsample(m[None], task.crop)[0].cpu(), mask, n)
+            evidence.anatomy_shares(upsample(m[None], task.crop)[0].cpu(), mask, n)
             for m, mask in zip(maps, masks)
         ]
         return torch.from_numpy(np.stack(rows)).flatten(1)

@@ -93,6 +93,12 @@ def dice_counts(pred, target, num_labels):
     return torch.stack(counts, 1)
 
 
+def upsample(logits, size):
+    """(B, C, d, h, w) -> (B, C, *size), trilinear: how eq. 3 brings the seg head's logits to the crop, and
+    how every map the reports compare with them (fitted floors, evidence maps) is brought there too."""
+    return F.interpolate(logits, size=tuple(size), mode="trilinear")
+
+
 def score(log_probs, mask, num_labels):
     """(CE summed over voxels, Dice counts (num_labels - 1, 3): intersection, predicted, true) of one mask
     under full-resolution log-probabilities (S, D, H, W)."""
@@ -148,7 +154,7 @@ def per_case_bound_row(masks, grid, structures, device="cpu"):
         one_hot = np.stack([np.stack([m == label for label in range(num_labels)]) for m in batch])
         logits = fit_grid_logits(one_hot.astype(np.float32), grid, device=device)
         for mask, case_logits in zip(batch, logits):
-            full = F.interpolate(case_logits[None], size=mask.shape, mode="trilinear")[0]
+            full = upsample(case_logits[None], mask.shape)[0]
             c, d = score(F.log_softmax(full, 0), mask, num_labels)
             ce, voxels = ce + c, voxels + mask.size
             counts.append(d)
@@ -170,7 +176,7 @@ def floors(train_masks, grid, num_labels, device="cpu", lungs=()):
         n_train += 1
     average = (counts + SMOOTHING) / (n_train + SMOOTHING * num_labels)
     grid_logits = fit_grid_logits(counts[None], grid, device=device)[0]
-    grid_map = F.interpolate(grid_logits[None], size=counts.shape[1:], mode="trilinear")[0]
+    grid_map = upsample(grid_logits[None], counts.shape[1:])[0]
     maps = {
         "average anatomy, full resolution": torch.as_tensor(
             np.log(average), dtype=torch.float32, device=device

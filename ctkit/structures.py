@@ -29,8 +29,10 @@ def parse(spec, table, region):
         order = sorted(table, key=int)
         return tuple(table[i] for i in order), tuple((int(i),) for i in order)
     if spec == "paper":  # merged from its parts unless the scheme has the structure itself
-        merge = lambda s: f"{s}={'+'.join(MERGED[s])}" if s in MERGED and s not in by_name else s  # noqa: E731
-        items = [merge(s) for s in REGIONS[region]["structures"]]
+        items = [
+            f"{s}={'+'.join(MERGED[s])}" if s in MERGED and s not in by_name else s
+            for s in REGIONS[region]["structures"]
+        ]
     else:
         items = [item.strip() for item in spec.split(",") if item.strip()]
     names, ids = [], []

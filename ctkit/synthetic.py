@@ -28,9 +28,8 @@ from ctkit.labels import SYNTHETIC_CLASSES
 from ctkit.regions import REGIONS
 
 SYNTHETIC = dict(pad=(40, 60, 60), crop=(32, 48, 48), sizes=dict(train=320, val=80, test=200))
-SCHEME = dict(
-    enumerate(REGIONS["chest"]["structures"], start=1)
-)  # the phantoms' mask labels: 1-5 lobes, 6 heart
+# the phantoms' mask labels: 1-5 lobes, 6 heart
+SCHEME = dict(enumerate(REGIONS["chest"]["structures"], start=1))
 PARALLEL_VOXELS = 2_000_000  # pad boxes this large: phantoms made in parallel (120x240x240: 0.26 s each)
 # The localised findings' difficulty: nodule radius (voxels of a 60-voxel-wide slice), drawn uniformly, and
 # how often a decoy nodule appears in a lobe no label is about. docs/synthetic_study.md: how they were chosen.

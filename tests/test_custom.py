@@ -353,6 +353,11 @@ def test_the_lookup_on_the_batch_is_the_table_applied_to_each_stored_window():
     batch = torch.utils.data.default_collate([dataset[k] for k in range(3)])
     with pytest.raises(labels.BadInput, match="^b: a mask label that is not in the folder's label scheme"):
         dataset.seg_classes(batch["mask"], batch["index"])
+    deferred = dataset.seg_classes(batch["mask"], batch["index"], check=False)  # as training: checked later
+    assert deferred[1].max() == 0 and torch.equal(deferred[[0, 2]], classes[[0, 2]])
+    with pytest.raises(labels.BadInput, match="^b: a mask label"):
+        dataset.check_labels()
+    dataset.check_labels()  # each flag is read once
 
 
 def test_a_long_scheme_name_keeps_the_stamp_within_the_nifti_description():

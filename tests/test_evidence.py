@@ -9,7 +9,7 @@ import torch
 
 import data
 import model as M
-from ctkit import evidence
+from ctkit import evidence, learning_report
 
 CROP = (16, 32, 32)  # every backbone: a (1, 2, 2) feature map
 
@@ -53,7 +53,7 @@ def test_the_pointing_game_scores_a_border_peak_at_its_cell_not_at_the_crop_edge
     cell's centre (8, 40, 88) instead: in a region holding that cell's inner voxels only."""
     grid = np.zeros((4, 6, 6))
     grid[0, 2, 5] = 1.0
-    full = evidence.upsample(torch.as_tensor(grid)[None, None], (64, 96, 96))[0, 0].numpy()
+    full = learning_report.upsample(torch.as_tensor(grid)[None, None], (64, 96, 96))[0, 0].numpy()
     edge = np.unravel_index(int(np.argmax(full)), full.shape)
     assert edge == (0, 39, 88)  # the old score's voxel: on the crop's first slice, 8 from the cell's centre
     region = np.zeros((64, 96, 96), bool)
@@ -67,7 +67,7 @@ def test_the_pointing_game_scores_a_border_peak_at_its_cell_not_at_the_crop_edge
 
 def test_upsampled_evidence_is_trilinear():
     maps = torch.arange(8, dtype=torch.float64).reshape(1, 1, 2, 2, 2)
-    full = evidence.upsample(maps, (4, 4, 4))
+    full = learning_report.upsample(maps, (4, 4, 4))
     expected = torch.nn.functional.interpolate(maps, size=(4, 4, 4), mode="trilinear")
     assert torch.equal(full, expected) and full.shape == (1, 1, 4, 4, 4)
 

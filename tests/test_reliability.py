@@ -454,9 +454,8 @@ def test_a_gantry_tilted_dicom_series_is_refused_and_an_oblique_one_read(tmp_pat
     slight = series("slight", axial, lambda z: [0.0, 0.4 * z / depth, z])  # 0.4 mm over the series: read
     assert ct_io.read_case("dicom", slight)[0].shape == phantom(0)[0].shape
     c, s = np.cos(np.deg2rad(20)), np.sin(np.deg2rad(20))  # rows along x, columns 20 degrees out of y
-    oblique = series(
-        "oblique", [1.0, 0.0, 0.0, 0.0, c, s], lambda z: [0.0, -s * z, c * z]
-    )  # along the normal
+    along_normal = [1.0, 0.0, 0.0, 0.0, c, s], lambda z: [0.0, -s * z, c * z]
+    oblique = series("oblique", *along_normal)
     hu, affine = ct_io.read_case("dicom", oblique)
     normal = affine[:3, 2] / np.linalg.norm(affine[:3, 2])
     assert np.allclose(normal, [0.0, s, c], atol=1e-3)  # in RAS: y flipped from LPS

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # a script of this folder stands on the top level
+# a script of this folder stands on the top level
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 import model as M  # noqa: E402
-from ctkit import ct_io, evidence, inference, utils  # noqa: E402
+from ctkit import ct_io, evidence, inference, learning_report, utils  # noqa: E402
 from ctkit.labels import ABBREVIATIONS  # noqa: E402
 
 
@@ -113,7 +112,9 @@ def predict(ct_path, checkpoint_path, explain=None, features=None):
 @torch.no_grad()
 def write_explanations(folder, model, x, crop, task, probs):
     """One PNG per model output: its evidence map over the CT (and the seg head's anatomy), see the module."""
-    maps = evidence.upsample(evidence.evidence_maps(model, x), task.crop)[0].numpy()  # (outputs, D, H, W)
+    maps = learning_report.upsample(evidence.evidence_maps(model, x), task.crop)[
+        0
+    ].numpy()  # (outputs, D, H, W)
     anatomy = inference.segment(model, x)[0].numpy() if model.seg_head is not None else None
     logits = model(x)[0].tolist()
     os.makedirs(folder, exist_ok=True)

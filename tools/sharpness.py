@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parents[1])
-)  # a script of this folder stands on the top level
+# a script of this folder stands on the top level
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 from ctkit import ct_io, synthetic, utils  # noqa: E402
 from model import build_model, classification_loss  # noqa: E402

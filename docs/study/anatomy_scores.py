@@ -31,9 +31,8 @@ from ctkit.ct_io import AIR_HU  # noqa: E402
 from ctkit.learning_report import LUNG_BINS, lung_bins, lungs_of  # noqa: E402
 
 KNOWLEDGE = ("position", "lung", "lobes")
-LUNGS = lungs_of(
-    synthetic.SCHEME.values()
-)  # the phantoms' lobes of the left and the right lung: (1, 2), (3, 4, 5)
+# the phantoms' lobes of the left and the right lung: (1, 2), (3, 4, 5)
+LUNGS = lungs_of(synthetic.SCHEME.values())
 NODULE_HU = -300  # nodules are 40 HU, vessels -50 HU (far smaller), lung -850, fissures -700
 RULE = dict(position=0.75, lung=0.75, lobes=0.98)  # (a), (b) at most; (c) at least
 
