@@ -89,27 +89,8 @@ def test_a_training_run_with_pinned_memory_and_workers(tmp_path):
     """train.py on the device: pinned host memory (CUDA only), non_blocking copies, 2 workers, bf16, --seg.
     The CPU rehearsal trains in fp32 on every CPU (bf16 training on a CPU: tests/test_precision.py)."""
     amp = ["--amp"] if DEVICE == "cuda" else []
-    train_cli(
-        "--device",
-        DEVICE,
-        "--seg",
-        *amp,
-        "--channels-last",
-        "--synthetic-cases",
-        6,
-        2,
-        3,
-        "-b",
-        2,
-        "-j",
-        2,
-        "--epochs",
-        1,
-        "--max-steps",
-        2,
-        "--output-dir",
-        tmp_path,
-    )
+    flags = "--seg --channels-last --synthetic-cases 6 2 3 -b 2 -j 2 --epochs 1 --max-steps 2".split()
+    train_cli("--device", DEVICE, *amp, *flags, "--output-dir", tmp_path)
     rows = (tmp_path / "iterations.csv").read_text().splitlines()
     assert len(rows) == 3 and all("nan" not in r and "inf" not in r for r in rows)
     assert (tmp_path / "seg_report_test.json").exists()

@@ -92,6 +92,12 @@ def train_custom(root, out, *extra):
     return config["task"], torch.load(out / "checkpoint.pth", weights_only=True)["model"]
 
 
+def train_with_labels(labels, root, out):
+    """train.py on a custom dataset with this labels CSV and every other flag at its default."""
+    flags = "--dataset custom --region chest".split()
+    train_cli(*flags, "--labels", labels, "--data-path", root, "--output-dir", out)
+
+
 def test_custom_csv_trains_with_any_structure_set_from_one_mask_run(export, tmp_path):
     assert len(list((export / "prep" / "mask").glob("*.nii"))) == 10  # 8 DICOM series + RAS + LPS
     runs = {
@@ -174,18 +180,7 @@ def test_bad_labels_csv_names_file_row_and_column(export, tmp_path, edit, messag
     with open(bad, "w", newline="") as f:
         csv.writer(f).writerows(rows)
     with pytest.raises(SystemExit, match=message.replace("labels.csv", bad.name)):
-        train_cli(
-            "--dataset",
-            "custom",
-            "--labels",
-            bad,
-            "--region",
-            "chest",
-            "--data-path",
-            export,
-            "--output-dir",
-            tmp_path / "run",
-        )
+        train_with_labels(bad, export, tmp_path / "run")
     assert not (tmp_path / "run" / "split.csv").exists()
 
 
@@ -203,18 +198,7 @@ def test_a_labels_csv_that_is_not_utf8_is_named(export, tmp_path):
         (export / "labels.csv").read_bytes().replace(b"pneumothorax", "pneumothorax_é".encode("latin-1"))
     )
     with pytest.raises(SystemExit, match=r"latin1.csv: not UTF-8 text \(byte \d+\); save it as UTF-8"):
-        train_cli(
-            "--dataset",
-            "custom",
-            "--labels",
-            bad,
-            "--region",
-            "chest",
-            "--data-path",
-            export,
-            "--output-dir",
-            tmp_path / "run",
-        )
+        train_with_labels(bad, export, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -143,23 +143,8 @@ def test_the_lungs_only_map_knows_each_cases_lungs_but_not_its_lobes():
 
 
 def test_a_head_trained_for_a_few_steps_is_reported_at_the_floor(tmp_path, capsys):
-    train_cli(
-        "--seg",
-        "--synthetic-cases",
-        6,
-        2,
-        3,
-        "-b",
-        2,
-        "-j",
-        0,
-        "--epochs",
-        1,
-        "--max-steps",
-        3,
-        "--output-dir",
-        tmp_path,
-    )
+    flags = "--seg --synthetic-cases 6 2 3 -b 2 -j 0 --epochs 1 --max-steps 3".split()
+    train_cli(*flags, "--output-dir", tmp_path)
     report = evaluate.utils.read_json(tmp_path / "seg_report_test.json")
     rows = report["rows"]
     head, floor = rows["seg head"], rows["average anatomy, head's grid"]
