@@ -12,9 +12,10 @@ were chosen per patient (the mean of a patient's series); average the series of 
 
 --explain DIR draws, per model output, its evidence map: eq. 1's linear head applied at every voxel of the
 last feature map (ctkit/evidence.py; its mean plus the bias is the logit, exactly), upsampled trilinearly to
-the crop, over the CT in three orthogonal planes through the strongest evidence (red raises the logit, blue
-lowers it), and for a seg-trained model the seg head's anatomy in the same planes. --features FILE.npz saves
-the pooled feature vector (eq. 1's input to the linear head), the logits and the probabilities.
+the crop, over the CT in three orthogonal planes through the strongest evidence inside the body (red raises
+the logit, blue lowers it), and for a seg-trained model the seg head's anatomy in the same planes.
+--features FILE.npz saves the pooled feature vector (eq. 1's input to the linear head), the logits and the
+probabilities.
 """
 
 import argparse
@@ -31,6 +32,8 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 from ctkit import ct_io, evidence, inference, learning_report, utils  # noqa: E402
 from ctkit.labels import ABBREVIATIONS  # noqa: E402
+
+BODY_HU = -500  # soft tissue and bone lie above, air (outside and in the lungs) below
 
 
 def load_model(checkpoint_path):
@@ -112,9 +115,8 @@ def predict(ct_path, checkpoint_path, explain=None, features=None):
 @torch.no_grad()
 def write_explanations(folder, model, x, crop, task, probs):
     """One PNG per model output: its evidence map over the CT (and the seg head's anatomy), see the module."""
-    maps = learning_report.upsample(evidence.evidence_maps(model, x), task.crop)[
-        0
-    ].numpy()  # (outputs, D, H, W)
+    # (outputs, D, H, W)
+    maps = learning_report.upsample(evidence.evidence_maps(model, x), task.crop)[0].numpy()
     anatomy = inference.segment(model, x)[0].numpy() if model.seg_head is not None else None
     logits = model(x)[0].tolist()
     os.makedirs(folder, exist_ok=True)
@@ -127,15 +129,28 @@ def write_explanations(folder, model, x, crop, task, probs):
     return paths
 
 
+def peak_in_body(evidence_map, crop):
+    """(z, y, x) of the strongest evidence inside the body. The upsampled map is flat next to the crop's
+    border, where its maximum often lies in the air around the patient, and planes through air show no
+    anatomy. The body is each axial slice's tissue above BODY_HU with its holes (the lungs) filled; without
+    any, the whole crop."""
+    from scipy import ndimage  # scikit-learn's dependency
+
+    body = np.stack([ndimage.binary_fill_holes(axial > BODY_HU) for axial in crop])  # (D, H, W)
+    where = np.where(body, evidence_map, -np.inf) if body.any() else evidence_map
+    return np.unravel_index(int(np.argmax(where)), where.shape)
+
+
 def draw_sheet(path, crop, evidence_map, anatomy, task, title):
-    """Axial, coronal and sagittal planes through the strongest evidence: the CT in the task's window with the
-    evidence overlaid (diverging, symmetric about 0), and a row of the seg head's anatomy if there is one."""
+    """Axial, coronal and sagittal planes through the strongest evidence inside the body: the CT in the task's
+    window with the evidence overlaid (diverging, symmetric about 0), and a row of the seg head's anatomy if
+    there is one."""
     import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z, y, x = np.unravel_index(int(np.argmax(evidence_map)), evidence_map.shape)
+    z, y, x = peak_in_body(evidence_map, crop)
     planes = {"axial": np.s_[z], "coronal": np.s_[:, y], "sagittal": np.s_[:, :, x]}
     rows = 2 if anatomy is not None else 1
     fig, axes = plt.subplots(rows, 3, figsize=(12, 4.2 * rows), squeeze=False)
