@@ -152,6 +152,9 @@ def draw_sheet(path, crop, evidence_map, anatomy, task, title):
 
     z, y, x = peak_in_body(evidence_map, crop)
     planes = {"axial": np.s_[z], "coronal": np.s_[:, y], "sagittal": np.s_[:, :, x]}
+    # a pixel's height over its width in each plane: the crop's voxels are ct_io.SPACING (x, y, z) in mm
+    aspect = {"axial": ct_io.SPACING[1] / ct_io.SPACING[0], "coronal": ct_io.SPACING[2] / ct_io.SPACING[0]}
+    aspect["sagittal"] = ct_io.SPACING[2] / ct_io.SPACING[1]
     rows = 2 if anatomy is not None else 1
     fig, axes = plt.subplots(rows, 3, figsize=(12, 4.2 * rows), squeeze=False)
     limit = float(np.abs(evidence_map).max()) or 1.0
@@ -166,6 +169,7 @@ def draw_sheet(path, crop, evidence_map, anatomy, task, title):
             else:
                 labels = np.ma.masked_equal(anatomy[where], 0)
                 ax.imshow(labels, cmap="tab20", vmin=0.5, vmax=20.5, alpha=0.45, origin="lower")
+            ax.set_aspect(aspect[plane])  # after every imshow, which sets its own
             ax.set_title(plane if row == 0 else f"{plane}: seg head's anatomy", fontsize=9)
             ax.axis("off")
     fig.colorbar(shown, ax=axes[0].tolist(), shrink=0.8, label="evidence (raises the logit > 0)")
