@@ -65,6 +65,11 @@ def paired_bootstrap(y_true, probs_a, probs_b, resamples=2000, seed=0, seeds_too
     return float(delta), float(low), float(high), float(p_value)
 
 
+def p_text(p, resamples):
+    """A bootstrap p-value: where no resample crossed 0 it is only known to lie below 2 / resamples."""
+    return f"p < {2 / resamples:.3f}" if p == 0 else f"p = {p:.3f}"
+
+
 def ci(low, high):
     """An interval of AUC differences in percentage points."""
     return f"[{100 * low:+.2f}, {100 * high:+.2f}]"
@@ -126,8 +131,8 @@ def bootstrap_line(off, on, resamples, seed):
     _, low2, high2, p2 = paired_bootstrap(y, a, b, resamples, seed, seeds_too=True)
     sizes = f"{resamples} resamples, {len(reference['cases'])} cases, {len(off)} vs {len(on)} run(s)"
     line = (
-        f"{'':<22}Δ AUC {100 * d:+.2f}; 95% CI over test cases {ci(low, high)}, p = {p:.3f}; over seeds "
-        f"and cases (two-level) {ci(low2, high2)}, p = {p2:.3f} ({sizes})"
+        f"{'':<22}Δ AUC {100 * d:+.2f}; 95% CI over test cases {ci(low, high)}, {p_text(p, resamples)}; "
+        f"over seeds and cases (two-level) {ci(low2, high2)}, {p_text(p2, resamples)} ({sizes})"
     )
     record = dict(metric="delta_auc", delta=d, ci=[low, high], p=p, ci_seeds_and_cases=[low2, high2])
     return line, {**record, "p_seeds_and_cases": p2, "resamples": resamples}

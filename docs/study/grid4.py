@@ -75,11 +75,12 @@ def arithmetic(smoke):
 
 
 def train_run(folder, extra, level):
-    """train.py with the study's geometry at a level (LEVELS); skipped if the run has finished."""
+    """train.py with the study's geometry at a level (LEVELS); skipped if the run has finished (its last
+    output, metrics_test.json, is written: a run stopped while writing its outputs writes them again)."""
     variant, nodules, epochs = LEVELS[level]
     if variant == "default":
         synthetic.NODULES = dict(nodules)
-    if (folder / "predictions_test.csv").exists():
+    if (folder / "metrics_test.json").exists():
         return
     arithmetic(smoke=bool(SMOKE))
     argv = [*GEOMETRY, *extra, "--synthetic-variant", variant, "--epochs", str(epochs)]
@@ -91,7 +92,8 @@ def train_run(folder, extra, level):
 def check(level):
     """The baseline-only check: seed 100, 200 validation phantoms; test outputs deleted unread."""
     folder = OUT / f"check_{level}"
-    train_run(folder, ["--seed", "100", "--synthetic-cases", "320", "200", "200"], level)
+    if not (folder / "check.csv").exists():
+        train_run(folder, ["--seed", "100", "--synthetic-cases", "320", "200", "200"], level)
     for unread in ("predictions_test.csv", "metrics_test.csv", "metrics_test.json"):
         (folder / unread).unlink(missing_ok=True)  # the rule never looks at the test split
     val = read_predictions(str(folder / "predictions_val.csv"))
@@ -161,6 +163,13 @@ def finished_seeds():
     return [s for s in SEEDS if all((OUT / f"{a}_s{s}" / "localisation_cases.csv").exists() for a in ARMS)]
 
 
+def same_cases(name, runs):
+    """Every run's rows are the same cases in the same order (the bootstraps pair them by row)."""
+    first, *others = runs
+    if any(cases != first for cases in others):
+        raise SystemExit(f"{OUT}: the runs' {name} do not list the same cases in the same order")
+
+
 def localisation_table(seeds, resamples=2000, seed=0):
     """Per localised finding and score: mean over seeds per arm, Δ (seg - base), paired case bootstrap."""
     per_arm = {}  # arm -> the rows of each seed's localisation_cases.csv (the same cases in the same order)
@@ -169,6 +178,8 @@ def localisation_table(seeds, resamples=2000, seed=0):
         for s in seeds:
             with open(OUT / f"{arm}_s{s}" / "localisation_cases.csv", newline="") as f:
                 per_arm[arm].append(list(csv.DictReader(f)))
+    tables = [t for arm in ARMS for t in per_arm[arm]]
+    same_cases("localisation_cases.csv", [[(r["case_id"], r["class"]) for r in t] for t in tables])
     lines, records, rng = [], [], np.random.default_rng(seed)
     header = f"{'finding':<26}{'score':<15}{'w/o seg':>9}{'w/ seg':>9}{'delta':>9}  95% CI (cases)   cases"
     lines += [header, "-" * len(header)]
@@ -216,8 +227,11 @@ def endpoint_table(seeds, resamples=2000, seed=0):
     runs = {
         (a, s): read_predictions(str(OUT / f"{a}_s{s}" / "predictions_test.csv")) for a in ARMS for s in seeds
     }
+    same_cases(
+        "predictions_test.csv", [(r["cases"], r["y_true"].tolist(), r["classes"]) for r in runs.values()]
+    )
     y, classes = runs[ARMS[0], seeds[0]]["y_true"], runs[ARMS[0], seeds[0]]["classes"]
-    lines = [f"{'AUC':<26}{'Δ':>7}  {'CI, cases':<18}{'CI, two-level':<18}per-seed Δ; t-interval"]
+    lines = [f"{'AUC':<26}{'Δ':>7}  {'CI, cases; p':<31}{'CI, two-level; p':<31}per-seed Δ; t-interval"]
     records = []
     for name in (*LOCALISED, "macro"):
         cols = list(range(len(classes))) if name == "macro" else [classes.index(name)]
@@ -231,7 +245,11 @@ def endpoint_table(seeds, resamples=2000, seed=0):
         interval = seed_interval(per_seed)
         positive = f"{sum(d > 0 for d in per_seed)}/{len(seeds)} > 0"
         each = ", ".join(f"{100 * d:+.2f}" for d in per_seed)
-        cells = f"{100 * delta:+7.2f}  {compare.ci(low, high):<18}{compare.ci(low2, high2):<18}"
+        by_cases, two_level = (
+            f"{compare.ci(lo, hi)}; {compare.p_text(pv, resamples)}"
+            for lo, hi, pv in ((low, high, p), (low2, high2, p2))
+        )
+        cells = f"{100 * delta:+7.2f}  {by_cases:<31}{two_level:<31}"
         lines.append(f"{name:<26}{cells}{each} ({positive}); {compare.ci(*interval)}")
         record = dict(endpoint=name, delta=delta, ci_cases=[low, high], p_cases=p, per_seed=per_seed)
         records.append(dict(record, ci_two_level=[low2, high2], p_two_level=p2, t_interval=list(interval)))
@@ -239,16 +257,19 @@ def endpoint_table(seeds, resamples=2000, seed=0):
 
 
 def learning_table(seeds):
-    """The learning report of every seg run (test split): CE and mean Dice per row, and their seed means."""
+    """The learning report of every seg run (test split): CE, mean Dice and the lobes' mean Dice (did the head
+    learn the lobes, not only the heart and the lungs' outline?) per row, and their seed means."""
     reports = [utils.read_json(OUT / f"seg_s{s}" / "seg_report_test.json") for s in seeds]
-    lines = [f"{'':<42}" + "".join(f"{'seed ' + str(s):>16}" for s in seeds) + f"{'mean':>16}"]
+    lines = [f"{'':<42}" + "".join(f"{'seed ' + str(s):>24}" for s in seeds) + f"{'mean':>24}"]
     for row in reports[0]["rows"]:
-        ce = [r["rows"][row]["ce"] for r in reports]
-        dice = [r["rows"][row]["dice"]["mean"] for r in reports]
-        cells = [f"{c:7.3f} / {d:.3f}" for c, d in zip([*ce, np.mean(ce)], [*dice, np.mean(dice)])]
-        lines.append(f"{row:<42}" + "".join(f"{c:>16}" for c in cells))
+        dice = [r["rows"][row]["dice"] for r in reports]
+        lobes = [np.mean([d[name] for name in d if name.startswith("lung_")]) for d in dice]
+        values = np.array([[r["rows"][row]["ce"] for r in reports], [d["mean"] for d in dice], lobes])
+        cells = [f"{c:7.3f} / {d:.3f} / {lobe:.3f}" for c, d, lobe in zip(*np.c_[values, values.mean(1)])]
+        lines.append(f"{row:<42}" + "".join(f"{c:>24}" for c in cells))
     grid = "x".join(map(str, reports[0]["grid"]))
-    return f"learning report (test, CE / mean Dice; head grid {grid})\n" + "\n".join(lines), reports
+    title = f"learning report (test, CE / mean Dice / the lobes' mean Dice; head grid {grid})"
+    return title + "\n" + "\n".join(lines), reports
 
 
 def report():

@@ -8,12 +8,15 @@ src=${1:-/work/fissures64/runs/fissures64}
 dst=$(dirname "$0")
 for run in "$src"/{base,seg}_s*; do
   test -f "$run/localisation_cases.csv" || continue
-  mkdir -p "$dst/$(basename "$run")"
-  for f in config.json iterations.csv epochs.csv localisation_cases.csv \
-      predictions_{val,test}.csv metrics_{val,test}.{csv,json} {seg_report,dice}_{val,test}.json; do
-    if test -f "$run/$f"; then cp "$run/$f" "$dst/$(basename "$run")/"; fi
+  name=$(basename "$run")
+  files=(config.json iterations.csv epochs.csv localisation_cases.csv
+         predictions_{val,test}.csv metrics_{val,test}.{csv,json})
+  [[ $name == seg_* ]] && files+=({seg_report,dice}_{val,test}.json)
+  mkdir -p "$dst/$name"
+  for f in "${files[@]}"; do
+    cp "$run/$f" "$dst/$name/" || { echo "$run: $f missing: the run has not finished writing"; exit 1; }
   done
-  echo "$(basename "$run"): $(ls "$dst/$(basename "$run")" | wc -l) files"
+  echo "$name: ${#files[@]} files"
 done
 for f in report.txt report.json comparison.txt comparison.json figure3.png "$src"/report_s*.txt; do
   f=$src/$(basename "$f")
