@@ -98,19 +98,20 @@ def test_explain_and_features_of_one_ct_for_every_backbone(arch, tmp_path):
     assert len(sheets) == 5 and all(p.stat().st_size > 10_000 for p in sheets)
 
 
-def test_the_sheet_is_drawn_through_the_strongest_evidence_inside_the_body():
-    """A chest slab: air around, a body ring of 40 HU holding a lung of -850 HU. The evidence is largest in
-    the air at the crop's corner and, inside the body, in the lung: the planes go through the lung's peak."""
+def test_the_body_a_sheet_looks_in_is_the_tissue_with_the_lungs_filled():
+    """A chest slab: air around, a body ring of 40 HU holding a lung of -850 HU. The body is the ring and the
+    lung inside it; the strongest evidence in it is the lung's, not the larger value in the air's corner."""
     import predict
 
     z, y, x = np.ogrid[:6, :20, :20]
     radius = np.hypot(y - 10, x - 10) + 0 * z  # (6, 20, 20)
     crop = np.where(radius < 5, -850, np.where(radius < 8, 40, -1024)).astype(np.int16)
+    body = predict.body_mask(crop)
+    np.testing.assert_array_equal(body, radius < 8)
     evidence_map = np.zeros(crop.shape, np.float32)
     evidence_map[0, 0, 0], evidence_map[3, 9, 12] = 5.0, 1.0  # air at the corner; the lung
-    assert predict.peak_in_body(evidence_map, crop) == (3, 9, 12)
-    air = np.full(crop.shape, -1024, np.int16)  # no body at all: the whole crop
-    assert predict.peak_in_body(evidence_map, air) == (0, 0, 0)
+    assert np.unravel_index(np.argmax(np.where(body, evidence_map, -np.inf)), crop.shape) == (3, 9, 12)
+    assert predict.body_mask(np.full(crop.shape, -1024, np.int16)).all()  # no body at all: the whole crop
 
 
 def test_anatomy_shares_of_a_hand_made_map():

@@ -119,38 +119,38 @@ def write_explanations(folder, model, x, crop, task, probs):
     maps = learning_report.upsample(evidence.evidence_maps(model, x), task.crop)[0].numpy()
     anatomy = inference.segment(model, x)[0].numpy() if model.seg_head is not None else None
     logits = model(x)[0].tolist()
+    body = body_mask(crop)
     os.makedirs(folder, exist_ok=True)
     paths = []
     for k, name in enumerate(output_names(task)):
         title = f"{name}: logit {logits[k]:.3f} = mean evidence + bias"
         title += f", p = {probs[name]:.3f}" if name in probs else ""
         paths.append(os.path.join(folder, f"evidence_{k:02d}_{name.replace(' ', '_')}.png"))
-        draw_sheet(paths[-1], crop, maps[k], anatomy, task, title)
+        draw_sheet(paths[-1], crop, body, maps[k], anatomy, task, title)
     return paths
 
 
-def peak_in_body(evidence_map, crop):
-    """(z, y, x) of the strongest evidence inside the body. The upsampled map is flat next to the crop's
-    border, where its maximum often lies in the air around the patient, and planes through air show no
-    anatomy. The body is each axial slice's tissue above BODY_HU with its holes (the lungs) filled; without
-    any, the whole crop."""
-    from scipy import ndimage  # scikit-learn's dependency
+def body_mask(crop):
+    """Where the sheets look for the strongest evidence: the upsampled map is flat next to the crop's border,
+    where its maximum often lies in the air around the patient, and planes through air show no anatomy. The
+    body is each axial slice's tissue above BODY_HU with its holes (the lungs) filled; without any, the whole
+    crop."""
+    from scipy import ndimage  # used only here
 
     body = np.stack([ndimage.binary_fill_holes(axial > BODY_HU) for axial in crop])  # (D, H, W)
-    where = np.where(body, evidence_map, -np.inf) if body.any() else evidence_map
-    return np.unravel_index(int(np.argmax(where)), where.shape)
+    return body if body.any() else np.ones_like(body)
 
 
-def draw_sheet(path, crop, evidence_map, anatomy, task, title):
-    """Axial, coronal and sagittal planes through the strongest evidence inside the body: the CT in the task's
-    window with the evidence overlaid (diverging, symmetric about 0), and a row of the seg head's anatomy if
-    there is one."""
+def draw_sheet(path, crop, body, evidence_map, anatomy, task, title):
+    """Axial, coronal and sagittal planes through the strongest evidence inside `body` (`body_mask`): the CT
+    in the task's window with the evidence overlaid (diverging, symmetric about 0), and a row of the seg
+    head's anatomy if there is one."""
     import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z, y, x = peak_in_body(evidence_map, crop)
+    z, y, x = np.unravel_index(int(np.argmax(np.where(body, evidence_map, -np.inf))), crop.shape)
     planes = {"axial": np.s_[z], "coronal": np.s_[:, y], "sagittal": np.s_[:, :, x]}
     # a pixel's height over its width in each plane: the crop's voxels are ct_io.SPACING (x, y, z) in mm
     aspect = {"axial": ct_io.SPACING[1] / ct_io.SPACING[0], "coronal": ct_io.SPACING[2] / ct_io.SPACING[0]}
