@@ -110,7 +110,8 @@ def test_the_body_a_sheet_looks_in_is_the_tissue_with_the_lungs_filled():
     np.testing.assert_array_equal(body, radius < 8)
     evidence_map = np.zeros(crop.shape, np.float32)
     evidence_map[0, 0, 0], evidence_map[3, 9, 12] = 5.0, 1.0  # air at the corner; the lung
-    assert np.unravel_index(np.argmax(np.where(body, evidence_map, -np.inf)), crop.shape) == (3, 9, 12)
+    assert predict.peak(evidence_map, body) == (3, 9, 12)
+    assert predict.peak(evidence_map, np.ones_like(body)) == (0, 0, 0)  # without the body: the air's corner
     assert predict.body_mask(np.full(crop.shape, -1024, np.int16)).all()  # no body at all: the whole crop
 
 

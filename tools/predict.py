@@ -141,16 +141,21 @@ def body_mask(crop):
     return body if body.any() else np.ones_like(body)
 
 
+def peak(evidence_map, body):
+    """The voxel (z, y, x) of the strongest evidence inside `body`, where a sheet's planes cross."""
+    return np.unravel_index(int(np.argmax(np.where(body, evidence_map, -np.inf))), evidence_map.shape)
+
+
 def draw_sheet(path, crop, body, evidence_map, anatomy, task, title):
-    """Axial, coronal and sagittal planes through the strongest evidence inside `body` (`body_mask`): the CT
-    in the task's window with the evidence overlaid (diverging, symmetric about 0), and a row of the seg
+    """Axial, coronal and sagittal planes through the `peak` of the evidence inside `body` (`body_mask`): the
+    CT in the task's window with the evidence overlaid (diverging, symmetric about 0), and a row of the seg
     head's anatomy if there is one."""
     import matplotlib  # optional for everything else: imported where a figure is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    z, y, x = np.unravel_index(int(np.argmax(np.where(body, evidence_map, -np.inf))), crop.shape)
+    z, y, x = peak(evidence_map, body)
     planes = {"axial": np.s_[z], "coronal": np.s_[:, y], "sagittal": np.s_[:, :, x]}
     # a pixel's height over its width in each plane: the crop's voxels are ct_io.SPACING (x, y, z) in mm
     aspect = {"axial": ct_io.SPACING[1] / ct_io.SPACING[0], "coronal": ct_io.SPACING[2] / ct_io.SPACING[0]}
