@@ -34,5 +34,7 @@ for seed in 0 1 2; do
   for arm in base seg; do
     $py docs/study/grid4.py --out $out run --seed $seed --arm $arm --level $level || exit 1
   done
-  $py docs/study/grid4.py --out $out report > "$out/report_s$seed.txt" 2>&1
+  # once, when seed's runs have just finished (a restart passes finished seeds again); atomic against a kill
+  [ -f $out/report_s$seed.txt ] || { $py docs/study/grid4.py --out $out report > $out/.report_s$seed.tmp 2>&1 &&
+    mv $out/.report_s$seed.tmp $out/report_s$seed.txt; }
 done

@@ -18,11 +18,7 @@ for run in "$src"/{base,seg}_s*; do
   done
   echo "$name: ${#files[@]} files"
 done
-for f in report.txt report.json comparison.txt comparison.json figure3.png; do
-  if test -f "$src/$f"; then cp "$src/$f" "$dst/"; fi
-done
-# the chain rewrites report_s{N}.txt at every restart, with the seeds finished by then: keep the first copy,
-# written when seed N's runs had just finished
-for f in "$src"/report_s*.txt; do
-  if test -f "$f"; then cp -n "$f" "$dst/"; fi
+for f in report.txt report.json comparison.txt comparison.json figure3.png "$src"/report_s*.txt; do
+  f=$src/$(basename "$f")
+  if test -f "$f"; then cp "$f" "$dst/"; fi
 done
